@@ -1,0 +1,1 @@
+"""Adapters as products: saved in the PEFT format with lorafit metadata."""

@@ -1,0 +1,160 @@
+"""The `lorafit` command line: each command parses its options and calls one library function."""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from lorafit import __version__
+from lorafit.config import field_reference
+from lorafit.errors import LorafitError, UsageError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, rich_markup_mode=None,
+                  help="Adapt Llama-family language models to a domain with LoRA.")
+console = Console()
+_debug = False
+
+
+def _fields_help() -> str:
+    lines = ["Config keys (YAML sections, or --set KEY=VALUE):\n\n"]
+    for key, default, description in field_reference():
+        lines.append(f"  {key} (default {default}): {description}\n\n")
+    return "".join(lines)
+
+
+@app.callback()
+def main(
+    debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks for errors.")] = False,
+    version: Annotated[bool, typer.Option("--version", help="Print the version and exit.")] = False,
+) -> None:
+    global _debug
+    _debug = debug or bool(os.environ.get("LORAFIT_DEBUG"))
+    if version:
+        console.print(f"lorafit {__version__}")
+        raise typer.Exit()
+    logging.basicConfig(level=logging.INFO if _debug else logging.WARNING, format="%(message)s")
+    # transformers' own progress bars and advice are noise in our output.
+    os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+
+
+def _fail(exc: LorafitError) -> None:
+    if _debug:
+        raise exc
+    console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+    raise typer.Exit(exc.exit_code)
+
+
+@app.command()
+def prepare(
+    inputs: Annotated[list[Path], typer.Argument(help="Files or folders of .html/.htm/.md/.txt/.pdf/.jsonl.")],
+    out: Annotated[Path, typer.Option("--out", help="Folder for train.jsonl, valid.jsonl and stats.json.")],
+    text_field: Annotated[str, typer.Option(help="Field holding the text in JSONL records.")] = "text",
+    min_chars: Annotated[int, typer.Option(help="Drop documents shorter than this.")] = 200,
+    near_dup_threshold: Annotated[float, typer.Option(help="Jaccard threshold for near-duplicates.")] = 0.8,
+    valid_ratio: Annotated[float, typer.Option(help="Share of documents held out for validation.")] = 0.1,
+    exclude: Annotated[list[Path] | None, typer.Option(help="Evaluation JSONL to decontaminate against (repeatable).")] = None,
+    exclude_ngram: Annotated[int, typer.Option(help="n-gram length (words) for decontamination.")] = 13,
+    base: Annotated[str, typer.Option(help="Model whose tokenizer counts tokens (empty = embedded default).")] = "",
+) -> None:
+    """Clean, de-duplicate, decontaminate and split raw documents into train/valid JSONL."""
+    from lorafit.data.prepare import PrepareOptions, add_token_counts, prepare_documents, write_prepared
+    from lorafit.data.tokenize import count_tokens
+    from lorafit.model.load import load_tokenizer, resolve_base
+
+    try:
+        if not 0.0 <= valid_ratio < 1.0:
+            raise UsageError("--valid-ratio must be at least 0 and below 1.")
+        options = PrepareOptions(text_field=text_field, min_chars=min_chars, near_dup_threshold=near_dup_threshold,
+                                 valid_ratio=valid_ratio, exclude=[str(p) for p in exclude or []],
+                                 exclude_ngram=exclude_ngram)
+        with console.status("reading and cleaning documents..."):
+            prepared = prepare_documents(inputs, options)
+        tokenizer = load_tokenizer(resolve_base(base))
+        add_token_counts(prepared, lambda texts: count_tokens(texts, tokenizer))
+        paths = write_prepared(prepared, out)
+    except LorafitError as exc:
+        _fail(exc)
+        return
+    for problem in prepared.problems.items:
+        console.print(f"[yellow]skipped[/] {problem.where}: {problem.message}", highlight=False)
+    console.print(stats_table(prepared.stats))
+    console.print(f"wrote {paths['train']}, {paths['valid']}, {paths['stats']}")
+
+
+def stats_table(stats: dict) -> Table:
+    table = Table(title="prepared data", show_header=True)
+    table.add_column("measure")
+    table.add_column("value", justify="right")
+    for key, value in stats.items():
+        if key == "removed":
+            for reason, count in value.items():
+                table.add_row(f"removed: {reason}", f"{count:,}")
+        elif isinstance(value, (int, float)):
+            table.add_row(key, f"{value:,}")
+    return table
+
+
+@app.command(epilog=_fields_help())
+def train(
+    config: Annotated[Path, typer.Argument(help="Run configuration (YAML); see configs/.")],
+    out: Annotated[Path | None, typer.Option("--out", metavar="DIR", help="Run folder (default: the config's 'out').")] = None,
+    set_: Annotated[list[str] | None, typer.Option("--set", metavar="KEY=VALUE", help="Override a key: --set train.lr=1e-4 (repeatable).")] = None,
+    overwrite: Annotated[bool, typer.Option(help="Replace a previous run in --out.")] = False,
+) -> None:
+    """Train a LoRA adapter: measure validation perplexity, train, measure again, save."""
+    from lorafit.config import load_config
+    from lorafit.train.run import run_training
+
+    try:
+        run_config = load_config(config, set_ or [])
+        result = run_training(run_config, out, overwrite=overwrite, console=console)
+    except LorafitError as exc:
+        _fail(exc)
+        return
+    print_run_summary(result.summary, result.out_dir)
+
+
+def print_run_summary(summary: dict, out_dir: Path) -> None:
+    table = Table(title="result", show_header=True)
+    table.add_column("")
+    table.add_column("base", justify="right")
+    table.add_column("adapter", justify="right")
+    table.add_row("validation perplexity", f"{summary['valid_ppl_before']:.3f}", f"{summary['valid_ppl_after']:.3f}")
+    console.print(table)
+    console.print(
+        f"perplexity change {summary['valid_ppl_change_percent']:+.1f}%  |  {summary['train_tokens']:,} tokens at "
+        f"{summary['tokens_per_second']:.0f} tok/s  |  peak RSS {summary.get('peak_rss_mb', 0):.0f} MB  |  "
+        f"wall {summary.get('wall_seconds', 0):.0f} s"
+    )
+    for row in summary.get("generations", []):
+        side = Table(title="generation (greedy)", show_header=True, show_lines=True)
+        side.add_column("prompt", ratio=1)
+        side.add_column("base", ratio=1)
+        side.add_column("adapter", ratio=1)
+        side.add_row(row["prompt"], row["base"], row["adapter"])
+        console.print(side)
+    console.print(f"adapter: {out_dir / 'adapter'}   summary: {out_dir / 'summary.json'}   metrics: {out_dir / 'metrics.jsonl'}")
+
+
+def run() -> None:
+    """Console-script entry point."""
+    try:
+        app()
+    except KeyboardInterrupt:
+        console.print("[bold red]interrupted[/]")
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    run()

@@ -1,0 +1,277 @@
+"""The run configuration: typed, validated in one place, loaded from YAML with `key=value` overrides.
+
+Every field carries a description; `lorafit train --help` and `configs/full.yaml` are generated
+from, or checked against, these descriptions so the documentation cannot drift from the code.
+"""
+
+from __future__ import annotations
+
+import difflib
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from lorafit.errors import ConfigError
+
+
+class Section(BaseModel):
+    """Base for config sections: unknown keys are errors, assignments are validated."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelSection(Section):
+    base: str = Field(
+        "",
+        description="Base model: empty for the embedded SmolLM2-135M-Instruct, a local HF folder, "
+        "a .gguf file, or a hub id (needs network).",
+    )
+
+
+class DataSection(Section):
+    train: list[str] = Field(
+        default_factory=list,
+        description="Training data: prepared JSONL files/folders, or raw documents "
+        "(.html/.htm/.md/.txt/.pdf/.jsonl) that are prepared on the fly.",
+    )
+    valid: list[str] = Field(
+        default_factory=list,
+        description="Validation data, same kinds as data.train; empty = a document-level split of data.train.",
+    )
+    text_field: str = Field("text", description="Field holding the text in JSONL records.")
+    valid_ratio: float = Field(
+        0.1, ge=0.0, lt=1.0, description="Share of documents held out when data.valid is empty."
+    )
+    min_chars: int = Field(200, ge=0, description="Drop documents shorter than this many characters.")
+    near_dup_threshold: float = Field(
+        0.8, gt=0.0, le=1.0, description="Jaccard similarity above which near-duplicates are dropped."
+    )
+    exclude: list[str] = Field(
+        default_factory=list,
+        description="JSONL evaluation sets: training documents sharing a long n-gram with them are dropped.",
+    )
+    exclude_ngram: int = Field(13, ge=4, description="n-gram length (in words) for decontamination.")
+
+    @field_validator("train", "valid", "exclude", mode="before")
+    @classmethod
+    def _one_or_many(cls, value: Any) -> Any:
+        if value is None or value == "":
+            return []
+        return [value] if isinstance(value, (str, Path)) else value
+
+
+class LoraSection(Section):
+    r: int = Field(16, ge=1, description="LoRA rank.")
+    alpha: float = Field(32.0, gt=0, description="LoRA alpha; the update is scaled by alpha / r.")
+    dropout: float = Field(
+        0.0, ge=0.0, lt=1.0,
+        description="Dropout on the LoRA input (0 skips a mask per adapted layer: ~25% faster on CPU).",
+    )
+    target_modules: list[str] | str = Field(
+        "all-linear",
+        description="Module names to adapt (e.g. [q_proj, v_proj]) or 'all-linear'.",
+    )
+
+    @field_validator("target_modules")
+    @classmethod
+    def _targets(cls, value: list[str] | str) -> list[str] | str:
+        if isinstance(value, str):
+            if value != "all-linear":
+                return [part.strip() for part in value.split(",") if part.strip()]
+        elif not value:
+            raise ValueError("needs at least one module name, or 'all-linear'")
+        return value
+
+
+class TrainSection(Section):
+    seq_len: int = Field(512, ge=8, description="Tokens per packed training block.")
+    micro_batch_size: int = Field(4, ge=1, description="Blocks per forward/backward pass.")
+    grad_accum: int = Field(1, ge=1, description="Micro-batches accumulated per optimizer step.")
+    lr: float = Field(2e-4, gt=0, description="Peak learning rate (AdamW).")
+    min_lr_ratio: float = Field(0.1, ge=0.0, le=1.0, description="Final learning rate as a share of train.lr.")
+    warmup_steps: int = Field(-1, ge=-1, description="Linear warmup steps; -1 = 5% of train.max_steps.")
+    weight_decay: float = Field(0.0, ge=0.0, description="AdamW weight decay.")
+    max_grad_norm: float = Field(1.0, ge=0.0, description="Gradient clipping norm; 0 disables clipping.")
+    max_steps: int = Field(100, ge=1, description="Optimizer steps to train (data repeats in epochs as needed).")
+    eval_every: int = Field(50, ge=0, description="Validate every N steps (0 = only before and after).")
+    eval_max_blocks: int = Field(
+        0, ge=0, description="Cap on validation blocks per evaluation (0 = the whole validation set)."
+    )
+    early_stopping_patience: int = Field(
+        0, ge=0, description="Stop after this many evaluations without improvement (0 = off)."
+    )
+    save_every: int = Field(0, ge=0, description="Save an adapter checkpoint every N steps (0 = only at the end).")
+    seed: int = Field(0, description="Seed for initialisation and data order.")
+    precision: Literal["auto", "fp32", "bf16"] = Field(
+        "auto", description="'auto' picks bf16 where the CPU/GPU supports it, else fp32."
+    )
+    gradient_checkpointing: bool = Field(False, description="Recompute activations to save memory.")
+    loss_chunk_tokens: int = Field(
+        1024, ge=64, description="Tokens per chunk of the fused output-layer loss (bounds logits memory)."
+    )
+    log_every: int = Field(1, ge=1, description="Write a metrics line every N optimizer steps.")
+
+
+class EvalSection(Section):
+    prompts: list[str] = Field(
+        default_factory=list,
+        description="Prompts for the side-by-side generations; empty = the opening of a validation document.",
+    )
+    max_new_tokens: int = Field(48, ge=1, description="Tokens generated per prompt (greedy).")
+
+    @field_validator("prompts", mode="before")
+    @classmethod
+    def _one_or_many(cls, value: Any) -> Any:
+        return [value] if isinstance(value, str) else value
+
+
+class RunConfig(Section):
+    out: str = Field("runs/latest", description="Run folder (overridden by --out).")
+    model: ModelSection = Field(default_factory=ModelSection)
+    data: DataSection = Field(default_factory=DataSection)
+    lora: LoraSection = Field(default_factory=LoraSection)
+    train: TrainSection = Field(default_factory=TrainSection)
+    eval: EvalSection = Field(default_factory=EvalSection)
+
+    @model_validator(mode="after")
+    def _needs_data(self) -> RunConfig:
+        if not self.data.train:
+            raise ValueError("data.train is empty: name the training documents or prepared JSONL files")
+        return self
+
+
+def _closest(name: str, choices: list[str]) -> str:
+    match = difflib.get_close_matches(name, choices, n=1, cutoff=0.5)
+    return f" Did you mean '{match[0]}'?" if match else f" Valid keys: {', '.join(sorted(choices))}."
+
+
+def _section_fields(path: tuple[str, ...]) -> list[str]:
+    model: type[BaseModel] = RunConfig
+    for part in path:
+        annotation = model.model_fields[part].annotation
+        if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
+            return []
+        model = annotation
+    return list(model.model_fields)
+
+
+def describe_validation_error(error: ValidationError, source: str) -> str:
+    """One line per problem, each naming the dotted field, what is wrong and how to fix it."""
+    lines = []
+    for item in error.errors():
+        loc = tuple(str(part) for part in item["loc"])
+        field = ".".join(loc) or "(top level)"
+        if item["type"] == "extra_forbidden":
+            hint = _closest(loc[-1], _section_fields(loc[:-1]))
+            lines.append(f"{source}: unknown key '{field}'.{hint}")
+        else:
+            given = item.get("input")
+            shown = "" if isinstance(given, dict) else f" (got {given!r})"
+            message = item["msg"].removeprefix("Value error, ")
+            lines.append(f"{source}: {field}: {message}{shown}.")
+    return "\n".join(lines)
+
+
+def parse_override(item: str) -> tuple[list[str], Any]:
+    """`train.lr=1e-4` -> (['train', 'lr'], 0.0001); values are YAML so lists and numbers work."""
+    key, sep, raw = item.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"--set {item!r}: expected KEY=VALUE, for example --set train.lr=1e-4.")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"--set {item!r}: the value is not valid YAML ({exc.__class__.__name__}).") from None
+    return key.strip().split("."), value
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    for item in overrides:
+        keys, value = parse_override(item)
+        node = raw
+        for depth, key in enumerate(keys[:-1]):
+            child = node.setdefault(key, {})
+            if not isinstance(child, dict):
+                raise ConfigError(f"--set {item!r}: '{'.'.join(keys[: depth + 1])}' is not a section.")
+            node = child
+        node[keys[-1]] = value
+    return raw
+
+
+def read_yaml(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise ConfigError(f"Config file {path} does not exist; see configs/ for examples.")
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path}: not UTF-8 text; save the config as UTF-8 YAML.") from None
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(exc, "problem", None) or "invalid YAML"
+        raise ConfigError(f"{path}:{where}: {problem}; fix the YAML syntax.") from None
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of sections (model:, data:, ...).")
+    return raw
+
+
+def build_config(raw: dict[str, Any], source: str, base_dir: Path | None = None) -> RunConfig:
+    """Validate a raw mapping; relative data paths are taken relative to `base_dir`."""
+    try:
+        config = RunConfig.model_validate(raw)
+    except ValidationError as exc:
+        raise ConfigError(describe_validation_error(exc, source)) from None
+    if base_dir is not None:
+        config = resolve_data_paths(config, base_dir)
+    return config
+
+
+def resolve_data_paths(config: RunConfig, base_dir: Path) -> RunConfig:
+    """Data paths in a config file are relative to the working directory if they exist there,
+    else to the config file's folder (so a config works from the repo root and beside its data)."""
+
+    def resolve(entries: list[str]) -> list[str]:
+        out = []
+        for entry in entries:
+            path = Path(entry).expanduser()
+            if not path.is_absolute() and not path.exists() and (base_dir / path).exists():
+                path = base_dir / path
+            out.append(str(path))
+        return out
+
+    data = config.data.model_copy(
+        update={
+            "train": resolve(config.data.train),
+            "valid": resolve(config.data.valid),
+            "exclude": resolve(config.data.exclude),
+        }
+    )
+    return config.model_copy(update={"data": data})
+
+
+def load_config(path: str | Path, overrides: list[str] | None = None) -> RunConfig:
+    """Load a YAML config, apply `--set` overrides, validate; errors name the field and the fix."""
+    path = Path(path)
+    raw = apply_overrides(read_yaml(path), overrides or [])
+    return build_config(raw, str(path), base_dir=path.resolve().parent)
+
+
+def config_to_yaml(config: RunConfig) -> str:
+    return yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False, allow_unicode=True)
+
+
+def field_reference() -> list[tuple[str, str, str]]:
+    """(dotted key, default, description) for every field: the source of `train --help`."""
+    rows = []
+    for section_name, section_field in RunConfig.model_fields.items():
+        annotation = section_field.annotation
+        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+            for name, field in annotation.model_fields.items():
+                default = field.get_default(call_default_factory=True)
+                rows.append((f"{section_name}.{name}", repr(default), field.description or ""))
+        else:
+            rows.append((section_name, repr(section_field.default), section_field.description or ""))
+    return rows

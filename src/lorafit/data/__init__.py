@@ -1,0 +1,1 @@
+"""Data: load raw documents -> clean -> dedup -> decontaminate -> split -> tokenize -> pack."""

@@ -1,0 +1,126 @@
+"""Read raw documents from files and folders: HTML, Markdown, text, PDF and JSONL.
+
+A file (or JSONL line) that cannot be read is reported with its path and line and skipped, so one
+bad file never stops a run.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+
+from lorafit.data.documents import Document, Problems
+from lorafit.errors import DataError
+
+log = logging.getLogger(__name__)
+
+HTML_SUFFIXES = {".html", ".htm"}
+TEXT_SUFFIXES = {".md", ".markdown", ".txt"}
+SUFFIXES = HTML_SUFFIXES | TEXT_SUFFIXES | {".pdf", ".jsonl"}
+
+
+def find_files(inputs: Iterable[str | Path]) -> list[Path]:
+    """Expand files and folders (recursively) into the supported files, in a stable order."""
+    files: list[Path] = []
+    for entry in inputs:
+        path = Path(entry).expanduser()
+        if path.is_dir():
+            found = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in SUFFIXES)
+            if not found:
+                raise DataError(
+                    f"{path}: no supported documents inside ({', '.join(sorted(SUFFIXES))})."
+                )
+            files.extend(found)
+        elif path.is_file():
+            if path.suffix.lower() not in SUFFIXES:
+                raise DataError(
+                    f"{path}: unsupported file type '{path.suffix}'; use one of {', '.join(sorted(SUFFIXES))}."
+                )
+            files.append(path)
+        else:
+            raise DataError(f"{path}: no such file or folder; check the path.")
+    return files
+
+
+def html_main_text(html: str) -> str:
+    """Main content of an HTML page; navigation, headers and footers dropped, code and tables kept."""
+    import trafilatura
+
+    text = trafilatura.extract(
+        html,
+        include_comments=False,
+        include_tables=True,
+        include_formatting=False,
+        include_links=False,
+        include_images=False,
+        with_metadata=False,
+        output_format="txt",
+        deduplicate=False,
+    )
+    return text or ""
+
+
+def pdf_text(path: Path) -> str:
+    from pypdf import PdfReader
+
+    reader = PdfReader(str(path))
+    return "\n\n".join((page.extract_text() or "") for page in reader.pages)
+
+
+def read_jsonl(path: Path, text_field: str, problems: Problems) -> Iterator[Document]:
+    with path.open("rb") as handle:
+        for number, raw in enumerate(handle, start=1):
+            where = f"{path}:{number}"
+            if not raw.strip():
+                continue
+            try:
+                record = json.loads(raw.decode("utf-8"))
+            except UnicodeDecodeError:
+                problems.add(where, "unreadable", "not valid UTF-8")
+                continue
+            except json.JSONDecodeError as exc:
+                problems.add(where, "unreadable", f"invalid JSON ({exc.msg})")
+                continue
+            if not isinstance(record, dict):
+                problems.add(where, "unreadable", "a JSON object per line is expected")
+                continue
+            text = record.get(text_field)
+            if not isinstance(text, str):
+                found = ", ".join(sorted(map(str, record))) or "none"
+                problems.add(
+                    where, "unreadable",
+                    f"no text field '{text_field}' (fields: {found}); set data.text_field / --text-field",
+                )
+                continue
+            yield Document(text=text, source=str(record.get("source") or where))
+
+
+def read_file(path: Path, text_field: str, problems: Problems) -> Iterator[Document]:
+    suffix = path.suffix.lower()
+    if suffix == ".jsonl":
+        yield from read_jsonl(path, text_field, problems)
+        return
+    try:
+        if suffix == ".pdf":
+            text = pdf_text(path)
+        else:
+            text = path.read_bytes().decode("utf-8")
+            if suffix in HTML_SUFFIXES:
+                text = html_main_text(text)
+    except UnicodeDecodeError as exc:
+        problems.add(str(path), "unreadable", f"not valid UTF-8 (byte {exc.start})")
+        return
+    except Exception as exc:  # a broken PDF or HTML raises many kinds; skipping is the contract
+        problems.add(str(path), "unreadable", f"cannot be read ({exc.__class__.__name__}: {exc})")
+        return
+    yield Document(text=text, source=str(path))
+
+
+def read_documents(inputs: Iterable[str | Path], text_field: str, problems: Problems) -> list[Document]:
+    """All documents under `inputs`; unreadable files and lines land in `problems`."""
+    documents: list[Document] = []
+    for path in find_files(inputs):
+        documents.extend(read_file(path, text_field, problems))
+    return documents

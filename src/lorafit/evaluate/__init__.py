@@ -1,0 +1,1 @@
+"""Evaluation: perplexity and side-by-side generations."""

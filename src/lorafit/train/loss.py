@@ -1,0 +1,88 @@
+"""Causal-LM loss that never holds the full logits: the output layer and cross-entropy are fused
+and computed chunk by chunk.
+
+With a 49k vocabulary, 4 x 512 tokens of fp32 logits are ~400 MB, and autograd keeps as much again
+for log-softmax and its gradient. Here each chunk's logits live only while that chunk is processed;
+the gradient with respect to the hidden states (and the output weight, when it is trained) is
+computed in the same pass and stored, so the backward pass is a multiplication by grad_output.
+
+The function returns the *sum* of token losses: the training loop divides by the number of target
+tokens in the whole accumulated batch, so gradient accumulation equals one big batch (pitfall 1).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+IGNORE_INDEX = -100
+
+
+class FusedLinearCrossEntropy(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden, weight, labels, chunk_tokens: int, compute_dtype: torch.dtype):
+        with torch.autocast(device_type=hidden.device.type, enabled=False):
+            weight_c = weight.detach().to(compute_dtype)
+            grad_hidden = torch.empty_like(hidden) if hidden.requires_grad else None
+            grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if weight.requires_grad else None
+            total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+            for start in range(0, hidden.shape[0], chunk_tokens):
+                end = min(start + chunk_tokens, hidden.shape[0])
+                h = hidden[start:end].detach().to(compute_dtype)
+                y = labels[start:end]
+                keep = y != IGNORE_INDEX
+                y_safe = torch.where(keep, y, 0)
+                logits = (h @ weight_c.T).float()
+                target = logits.gather(1, y_safe[:, None]).squeeze(1)
+                # One exp pass gives both the log-sum-exp and the softmax (for the gradient).
+                row_max = logits.amax(dim=1, keepdim=True)
+                probs = logits.sub_(row_max).exp_()
+                row_sum = probs.sum(dim=1, keepdim=True)
+                lse = (row_max + row_sum.log()).squeeze(1)
+                total += ((lse - target) * keep).sum()
+                if grad_hidden is None and grad_weight is None:
+                    continue
+                probs.div_(row_sum)
+                rows = torch.arange(end - start, device=probs.device)
+                probs[rows, y_safe] -= 1.0
+                probs.mul_(keep[:, None])
+                grad_logits = probs.to(compute_dtype)
+                if grad_hidden is not None:
+                    grad_hidden[start:end] = (grad_logits @ weight_c).to(hidden.dtype)
+                if grad_weight is not None:
+                    grad_weight += (grad_logits.T @ h).float()
+        ctx.save_for_backward(*(t for t in (grad_hidden, grad_weight) if t is not None))
+        ctx.has = (grad_hidden is not None, grad_weight is not None)
+        ctx.weight_dtype = weight.dtype
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        saved = iter(ctx.saved_tensors)
+        # A 0-dim fp32 grad_output keeps the stored gradients' dtype.
+        grad_hidden = next(saved) * grad_output if ctx.has[0] else None
+        grad_weight = (next(saved) * grad_output).to(ctx.weight_dtype) if ctx.has[1] else None
+        return grad_hidden, grad_weight, None, None, None
+
+
+def fused_lm_loss_sum(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
+                      chunk_tokens: int = 1024, compute_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """Sum of next-token losses. `hidden` (B, L, H) predicts `labels` (B, L) shifted by one."""
+    shifted_hidden = hidden[:, :-1].reshape(-1, hidden.shape[-1])
+    shifted_labels = labels[:, 1:].reshape(-1)
+    dtype = compute_dtype or hidden.dtype
+    return FusedLinearCrossEntropy.apply(shifted_hidden, weight, shifted_labels, chunk_tokens, dtype)
+
+
+def reference_lm_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """The plain formulation (full logits), used when the output layer is not a plain Linear."""
+    return F.cross_entropy(
+        logits[:, :-1].reshape(-1, logits.shape[-1]).float(),
+        labels[:, 1:].reshape(-1),
+        ignore_index=IGNORE_INDEX,
+        reduction="sum",
+    )
+
+
+def target_count(labels: torch.Tensor) -> int:
+    return int((labels[:, 1:] != IGNORE_INDEX).sum())

@@ -1,0 +1,36 @@
+"""The module the training loop optimises: a causal LM whose forward returns the summed loss.
+
+Wrapping decoder + fused loss in one nn.Module keeps the whole computation inside the module that
+accelerate prepares, so DDP/FSDP see every forward.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from lorafit.train.loss import fused_lm_loss_sum, reference_lm_loss_sum
+
+
+def causal_lm_of(model: torch.nn.Module) -> torch.nn.Module:
+    """The transformers *ForCausalLM inside a PEFT wrapper (or the model itself)."""
+    get_base = getattr(model, "get_base_model", None)
+    return get_base() if callable(get_base) else model
+
+
+class CausalLMObjective(torch.nn.Module):
+    def __init__(self, model: torch.nn.Module, compute_dtype: torch.dtype, chunk_tokens: int = 1024):
+        super().__init__()
+        self.model = model
+        self.compute_dtype = compute_dtype
+        self.chunk_tokens = chunk_tokens
+
+    def forward(self, input_ids: torch.Tensor, labels: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        causal_lm = causal_lm_of(self.model)
+        head = causal_lm.get_output_embeddings()
+        decoder = getattr(causal_lm, "model", None)
+        if type(head) is torch.nn.Linear and head.bias is None and decoder is not None:
+            hidden = decoder(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
+            return fused_lm_loss_sum(hidden, head.weight, labels, self.chunk_tokens, self.compute_dtype)
+        # An adapted or unusual output layer: the plain (memory-hungry) formulation.
+        logits = self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
+        return reference_lm_loss_sum(logits, labels)

@@ -1,0 +1,39 @@
+"""Mixed-precision policy: bf16 where the hardware computes it fast, fp32 elsewhere."""
+
+from __future__ import annotations
+
+import functools
+from contextlib import AbstractContextManager, nullcontext
+from pathlib import Path
+
+import torch
+
+
+@functools.cache
+def cpu_has_fast_bf16() -> bool:
+    """AVX512_BF16 or AMX on x86: bf16 matmuls run ~2.6x faster than fp32 on such CPUs."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return any(flag in flags for flag in ("avx512_bf16", "amx_bf16"))
+
+
+def resolve_precision(requested: str, device: torch.device) -> str:
+    if requested != "auto":
+        return requested
+    if device.type == "cuda":
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
+    return "bf16" if device.type == "cpu" and cpu_has_fast_bf16() else "fp32"
+
+
+def weight_dtype(precision: str) -> torch.dtype:
+    """Frozen base weights are stored in the compute dtype: no per-step casts, half the memory.
+    Trainable LoRA weights stay fp32 (PEFT's autocast_adapter_dtype)."""
+    return torch.bfloat16 if precision == "bf16" else torch.float32
+
+
+def autocast_context(precision: str, device: torch.device) -> AbstractContextManager:
+    if precision == "bf16":
+        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+    return nullcontext()

@@ -1,0 +1,212 @@
+"""`lorafit train`: set up data, model and LoRA; measure, train, measure again; save and summarise."""
+
+from __future__ import annotations
+
+import logging
+import random
+import resource
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from rich.console import Console
+
+from lorafit.adapters.save import save_adapter
+from lorafit.config import RunConfig, config_to_yaml
+from lorafit.data.datasets import load_run_documents
+from lorafit.data.pack import pack_documents
+from lorafit.data.tokenize import tokenize_cached
+from lorafit.errors import ConfigError, UsageError
+from lorafit.evaluate.generate import default_prompt, side_by_side
+from lorafit.evaluate.perplexity import LossResult, evaluate_loss
+from lorafit.io import append_jsonl, write_json_atomic, write_text_atomic
+from lorafit.model.load import load_causal_lm, load_tokenizer, resolve_base, weights_fingerprint
+from lorafit.model.lora import apply_lora, parameter_report
+from lorafit.train.batches import stack_blocks
+from lorafit.train.loop import LoopState, record_validation, restore_trainable, train_loop
+from lorafit.train.objective import CausalLMObjective
+from lorafit.train.precision import autocast_context, resolve_precision, weight_dtype
+from lorafit.train.progress import training_progress
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class RunResult:
+    out_dir: Path
+    summary: dict
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def prepare_out_dir(out_dir: Path, overwrite: bool) -> None:
+    if (out_dir / "config.yaml").exists() and not overwrite:
+        raise UsageError(
+            f"{out_dir} already holds a run (config.yaml); choose another --out or pass --overwrite."
+        )
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "metrics.jsonl").unlink(missing_ok=True)
+
+
+def check_seq_len(seq_len: int, model_config) -> None:
+    limit = getattr(model_config, "max_position_embeddings", None)
+    if limit and seq_len > limit:
+        raise ConfigError(f"train.seq_len={seq_len} exceeds the model's maximum of {limit}; lower train.seq_len.")
+
+
+def run_training(config: RunConfig, out_dir: Path | None = None, overwrite: bool = False,
+                 console: Console | None = None) -> RunResult:
+    from accelerate import Accelerator
+
+    console = console or Console()
+    wall_start = time.perf_counter()
+    out_dir = Path(out_dir or config.out)
+    config = config.model_copy(update={"out": str(out_dir)})
+    train_cfg = config.train
+
+    prepare_out_dir(out_dir, overwrite)
+    write_text_atomic(out_dir / "config.yaml", config_to_yaml(config))
+    metrics_path = out_dir / "metrics.jsonl"
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    precision = resolve_precision(train_cfg.precision, device)
+    accelerator = Accelerator(mixed_precision="bf16" if precision == "bf16" else "no", cpu=device.type == "cpu")
+    device = accelerator.device
+
+    def autocast():
+        return autocast_context(precision, device)
+
+    seed_everything(train_cfg.seed)
+
+    ref = resolve_base(config.model.base)
+    tokenizer = load_tokenizer(ref)
+    console.print(f"[bold]base[/] {ref.name}  [bold]precision[/] {precision}  [bold]device[/] {device}")
+
+    documents = load_run_documents(config.data, out_dir / "data")
+    for problem in documents.problems.items[:20]:
+        console.print(f"[yellow]skipped[/] {problem.where}: {problem.message}")
+    train_ids = tokenize_cached([d.text for d in documents.train], tokenizer)
+    valid_ids = tokenize_cached([d.text for d in documents.valid], tokenizer)
+    train_blocks = pack_documents(train_ids, tokenizer.eos_token_id, train_cfg.seq_len)
+    valid_blocks = pack_documents(valid_ids, tokenizer.eos_token_id, train_cfg.seq_len, keep_tail=True)
+    if not train_blocks:
+        raise UsageError(
+            f"The training data has fewer tokens ({sum(map(len, train_ids))}) than one block of "
+            f"train.seq_len={train_cfg.seq_len}; add data or lower train.seq_len."
+        )
+    data_stats = {
+        **documents.stats,
+        "train_documents": len(documents.train),
+        "valid_documents": len(documents.valid),
+        "train_tokens": int(sum(len(t) for t in train_ids)),
+        "valid_tokens": int(sum(len(t) for t in valid_ids)),
+        "train_blocks": len(train_blocks),
+        "valid_blocks": len(valid_blocks),
+    }
+    console.print(
+        f"[bold]data[/] {data_stats['train_documents']} train / {data_stats['valid_documents']} valid documents, "
+        f"{data_stats['train_tokens']:,} / {data_stats['valid_tokens']:,} tokens, {len(train_blocks)} blocks of {train_cfg.seq_len}"
+    )
+
+    model = load_causal_lm(ref, weight_dtype(precision))
+    check_seq_len(train_cfg.seq_len, model.config)
+    model = apply_lora(model, config.lora, under_autocast=precision == "bf16")
+    if train_cfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.enable_input_require_grads()
+    report = parameter_report(model)
+    console.print(
+        f"[bold]trainable[/] {report.trainable:,} of {report.total:,} parameters ({report.percent:.3f}%)  "
+        + "  ".join(f"{name} {count:,}" for name, count in report.by_module.items())
+    )
+
+    compute_dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+    objective = CausalLMObjective(model, compute_dtype, train_cfg.loss_chunk_tokens)
+    optimizer = torch.optim.AdamW(
+        [p for p in model.parameters() if p.requires_grad], lr=train_cfg.lr, weight_decay=train_cfg.weight_decay
+    )
+    objective, optimizer = accelerator.prepare(objective, optimizer)
+
+    eval_batch = max(train_cfg.micro_batch_size, 1)
+    capped_valid = valid_blocks[: train_cfg.eval_max_blocks] if train_cfg.eval_max_blocks else valid_blocks
+
+    def validate(blocks=capped_valid) -> LossResult:
+        return evaluate_loss(objective, blocks, eval_batch, device, autocast)
+
+    def log_metrics(record: dict) -> None:
+        if accelerator.is_main_process:
+            append_jsonl(metrics_path, record)
+
+    console.print("measuring validation perplexity of the base model...")
+    before = validate(valid_blocks)
+    console.print(f"[bold]valid ppl before[/] {before.perplexity:.3f}  (loss {before.loss:.4f}, {before.tokens:,} tokens)")
+    log_metrics({"step": 0, "valid_loss": round(before.loss, 6), "valid_ppl": round(before.perplexity, 4)})
+
+    def on_step_end(state: LoopState) -> None:
+        if train_cfg.save_every and state.step % train_cfg.save_every == 0 and state.step < train_cfg.max_steps:
+            save_adapter(accelerator.unwrap_model(objective).model, out_dir / "checkpoints" / f"step-{state.step}" / "adapter",
+                         {"step": state.step})
+
+    with training_progress(console) as progress:
+        state = train_loop(
+            accelerator, objective, optimizer, stack_blocks(train_blocks), train_cfg, autocast,
+            validate, log_metrics, on_step_end, progress,
+        )
+
+    final = validate(valid_blocks)
+    best_step = state.best_step
+    record_validation(state, objective, final, 0, log_metrics)
+    after = final
+    if state.best_step != state.step and state.best_trainable is not None:
+        # An earlier validation was better (early stopping or overfitting): keep those weights.
+        restore_trainable(objective, state.best_trainable)
+        after = validate(valid_blocks)
+        console.print(f"restored the best adapter from step {state.best_step}")
+    else:
+        best_step = state.step
+    state.best_trainable = None
+
+    peft_model = accelerator.unwrap_model(objective).model
+    summary = {
+        "base_model": ref.name,
+        "precision": precision,
+        "device": str(device),
+        "steps": state.step,
+        "stopped_early": state.stopped_early,
+        "best_step": best_step,
+        "skipped_steps": state.skipped_steps,
+        "valid_loss_before": before.loss,
+        "valid_loss_after": after.loss,
+        "valid_ppl_before": before.perplexity,
+        "valid_ppl_after": after.perplexity,
+        "valid_ppl_change_percent": 100.0 * (after.perplexity / before.perplexity - 1.0),
+        "train_tokens": state.tokens_seen,
+        "train_seconds": state.train_seconds,
+        "tokens_per_second": state.tokens_seen / max(state.train_seconds, 1e-9),
+        "trainable_parameters": report.as_dict(),
+        "data": data_stats,
+    }
+    if accelerator.is_main_process:
+        save_adapter(peft_model, out_dir / "adapter", {
+            "base_model": {"spec": ref.spec, "name": ref.name, "path": ref.path, "weights_fingerprint": weights_fingerprint(ref)},
+            "config": config.model_dump(mode="json"),
+            "data": data_stats,
+            "metrics": {k: summary[k] for k in ("valid_ppl_before", "valid_ppl_after", "steps", "train_tokens")},
+        })
+        prompts = list(config.eval.prompts) or [default_prompt(documents.valid[0].text)]
+        generations = side_by_side(peft_model, tokenizer, prompts, config.eval.max_new_tokens, device, autocast)
+        summary["generations"] = generations
+        summary["peak_rss_mb"] = peak_rss_mb()
+        summary["wall_seconds"] = time.perf_counter() - wall_start
+        write_json_atomic(out_dir / "summary.json", summary)
+    return RunResult(out_dir=out_dir, summary=summary)

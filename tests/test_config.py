@@ -61,8 +61,10 @@ def test_missing_data_is_explained(tmp_path):
 
 def test_overrides_take_dotted_keys_and_yaml_values(tmp_path):
     path = write(tmp_path, "data: {train: [x.jsonl]}\n")
-    config = load_config(path, ["lora.target_modules=[q_proj,v_proj]", "train.lr=1e-4", "train.precision=fp32",
-                                "model.base=/models/llama"])
+    config = load_config(
+        path,
+        ["lora.target_modules=[q_proj,v_proj]", "train.lr=1e-4", "train.precision=fp32", "model.base=/models/llama"],
+    )
     assert config.lora.target_modules == ["q_proj", "v_proj"]
     assert config.train.lr == pytest.approx(1e-4)
     assert config.train.precision == "fp32"
@@ -77,9 +79,24 @@ def test_malformed_override_is_a_clear_error(tmp_path, bad):
 
 def test_contract_keys_exist():
     keys = {key for key, _, _ in field_reference()}
-    for key in ["model.base", "data.train", "data.valid", "lora.r", "lora.alpha", "lora.dropout",
-                "lora.target_modules", "train.seq_len", "train.micro_batch_size", "train.grad_accum", "train.lr",
-                "train.max_steps", "train.eval_every", "train.save_every", "train.seed", "train.precision"]:
+    for key in [
+        "model.base",
+        "data.train",
+        "data.valid",
+        "lora.r",
+        "lora.alpha",
+        "lora.dropout",
+        "lora.target_modules",
+        "train.seq_len",
+        "train.micro_batch_size",
+        "train.grad_accum",
+        "train.lr",
+        "train.max_steps",
+        "train.eval_every",
+        "train.save_every",
+        "train.seed",
+        "train.precision",
+    ]:
         assert key in keys
 
 

@@ -1,4 +1,5 @@
 from conftest import write_jsonl
+
 from lorafit.data.clean import exact_key, normalize_text
 from lorafit.data.decontaminate import drop_contaminated, excluded_ngrams
 from lorafit.data.dedup import drop_exact_duplicates, drop_near_duplicates
@@ -35,12 +36,16 @@ def test_near_duplicates_removed_distinct_kept():
 
 
 def test_near_duplicates_in_chinese_text_without_spaces():
-    zh = ("垃圾回收器使用引用计数和循环检测器来管理内存。当对象的引用计数降为零时，它会被立即释放。"
-          "循环检测器会定期寻找只相互引用的对象组，并将它们一起回收。你可以使用模块调整阈值，暂时禁用它，或者立即请求回收。"
-          "这种设计让大多数对象能够及时释放，同时也能处理复杂的引用循环问题。")
+    zh = (
+        "垃圾回收器使用引用计数和循环检测器来管理内存。当对象的引用计数降为零时，它会被立即释放。"
+        "循环检测器会定期寻找只相互引用的对象组，并将它们一起回收。你可以使用模块调整阈值，暂时禁用它，或者立即请求回收。"
+        "这种设计让大多数对象能够及时释放，同时也能处理复杂的引用循环问题。"
+    )
     zh_near = zh.replace("立即释放", "马上释放")
-    zh_other = ("异步编程提供了事件循环、任务和未来对象，用于编写并发代码。协程通过等待表达式暂停执行，"
-                "事件循环在等待期间运行其他任务。这种模型适合网络服务和大量输入输出操作的程序。") * 2
+    zh_other = (
+        "异步编程提供了事件循环、任务和未来对象，用于编写并发代码。协程通过等待表达式暂停执行，"
+        "事件循环在等待期间运行其他任务。这种模型适合网络服务和大量输入输出操作的程序。"
+    ) * 2
     docs = [Document(zh, "a"), Document(zh_near, "b"), Document(zh_other, "c")]
     kept, removed = drop_near_duplicates(docs, 0.8)
     assert [d.source for d in kept] == ["a", "c"] and removed == 1
@@ -89,8 +94,15 @@ def test_prepare_counts_each_removal_reason(tmp_path):
     (tmp_path / "e.txt").write_text("   \n\u200b\n")
     (tmp_path / "f.txt").write_text("Sockets and ports: " + " ".join(f"word{i}" for i in range(60)))
     eval_file = write_jsonl(tmp_path / "eval" / "e.jsonl", [{"text": " ".join(f"word{i}" for i in range(20, 40))}])
-    prepared = prepare_documents([tmp_path / f"{c}.txt" for c in "abcdef"],
-                                 PrepareOptions(min_chars=50, exclude=[str(eval_file)], valid_ratio=0))
-    assert prepared.stats["removed"] == {"empty": 1, "too_short": 1, "exact_duplicate": 1, "near_duplicate": 1,
-                                         "contaminated": 1, "unreadable": 0}
+    prepared = prepare_documents(
+        [tmp_path / f"{c}.txt" for c in "abcdef"], PrepareOptions(min_chars=50, exclude=[str(eval_file)], valid_ratio=0)
+    )
+    assert prepared.stats["removed"] == {
+        "empty": 1,
+        "too_short": 1,
+        "exact_duplicate": 1,
+        "near_duplicate": 1,
+        "contaminated": 1,
+        "unreadable": 0,
+    }
     assert prepared.stats["documents_in"] == 6 and prepared.stats["documents_kept"] == 1

@@ -1,6 +1,6 @@
 import pytest
-
 from conftest import PYDOCS, write_jsonl
+
 from lorafit.data.documents import Problems
 from lorafit.data.prepare import PrepareOptions, prepare_documents
 from lorafit.data.readers import find_files, html_main_text, read_documents
@@ -36,8 +36,10 @@ def test_mixed_folder_reads_every_kind(tmp_path):
     (tmp_path / "sub").mkdir()
     (tmp_path / "a.md").write_text("# Title\n\n" + LONG)
     (tmp_path / "sub" / "b.txt").write_text("plain " + LONG)
-    (tmp_path / "c.html").write_text(f"<html><body><nav>Menu Home About</nav><article><h1>Guide</h1><p>{LONG}</p>"
-                                     "</article><footer>Copyright footer text</footer></body></html>")
+    (tmp_path / "c.html").write_text(
+        f"<html><body><nav>Menu Home About</nav><article><h1>Guide</h1><p>{LONG}</p>"
+        "</article><footer>Copyright footer text</footer></body></html>"
+    )
     write_jsonl(tmp_path / "d.jsonl", [{"text": "json " + LONG}, {"body": "other field " + LONG}])
     make_pdf(tmp_path / "e.pdf", "Portable document text about pathlib")
     (tmp_path / "ignored.bin").write_bytes(b"\x00\x01")
@@ -62,7 +64,9 @@ def test_unreadable_inputs_are_reported_and_counted(tmp_path):
     (tmp_path / "good.txt").write_text(LONG)
     (tmp_path / "bad.txt").write_bytes(b"caf\xe9 " * 100)
     (tmp_path / "broken.pdf").write_bytes(b"%PDF-1.4\nthis is not really a pdf")
-    (tmp_path / "lines.jsonl").write_bytes(b'{"text": "' + b'Sockets, ports and TLS handshakes. ' * 10 + b'"}\n{not json}\n[1, 2]\n\xff\xfe\n')
+    (tmp_path / "lines.jsonl").write_bytes(
+        b'{"text": "' + b"Sockets, ports and TLS handshakes. " * 10 + b'"}\n{not json}\n[1, 2]\n\xff\xfe\n'
+    )
     prepared = prepare_documents([tmp_path], PrepareOptions(valid_ratio=0))
     wheres = sorted(p.where for p in prepared.problems.items)
     assert str(tmp_path / "bad.txt") in wheres

@@ -33,6 +33,10 @@ def test_tokenize_cache_hit_equals_fresh(tiny_model_dir, isolated_home):
     files = list((isolated_home / "tokens").glob("*.npz"))
     assert len(files) == 1
     second = tokenize_cached(texts, tokenizer)
-    assert [a.tolist() for a in first] == [b.tolist() for b in second] == [a.tolist() for a in tokenize_texts(texts, tokenizer)]
+    assert (
+        [a.tolist() for a in first]
+        == [b.tolist() for b in second]
+        == [a.tolist() for a in tokenize_texts(texts, tokenizer)]
+    )
     tokenize_cached(texts[:2], tokenizer)
     assert len(list((isolated_home / "tokens").glob("*.npz"))) == 2  # keyed by the texts

@@ -16,8 +16,12 @@ from lorafit import __version__
 from lorafit.config import field_reference
 from lorafit.errors import LorafitError, UsageError
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, rich_markup_mode=None,
-                  help="Adapt Llama-family language models to a domain with LoRA.")
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    rich_markup_mode=None,
+    help="Adapt Llama-family language models to a domain with LoRA.",
+)
 console = Console()
 _debug = False
 
@@ -63,7 +67,9 @@ def prepare(
     min_chars: Annotated[int, typer.Option(help="Drop documents shorter than this.")] = 200,
     near_dup_threshold: Annotated[float, typer.Option(help="Jaccard threshold for near-duplicates.")] = 0.8,
     valid_ratio: Annotated[float, typer.Option(help="Share of documents held out for validation.")] = 0.1,
-    exclude: Annotated[list[Path] | None, typer.Option(help="Evaluation JSONL to decontaminate against (repeatable).")] = None,
+    exclude: Annotated[
+        list[Path] | None, typer.Option(help="Evaluation JSONL to decontaminate against (repeatable).")
+    ] = None,
     exclude_ngram: Annotated[int, typer.Option(help="n-gram length (words) for decontamination.")] = 13,
     base: Annotated[str, typer.Option(help="Model whose tokenizer counts tokens (empty = embedded default).")] = "",
 ) -> None:
@@ -75,9 +81,14 @@ def prepare(
     try:
         if not 0.0 <= valid_ratio < 1.0:
             raise UsageError("--valid-ratio must be at least 0 and below 1.")
-        options = PrepareOptions(text_field=text_field, min_chars=min_chars, near_dup_threshold=near_dup_threshold,
-                                 valid_ratio=valid_ratio, exclude=[str(p) for p in exclude or []],
-                                 exclude_ngram=exclude_ngram)
+        options = PrepareOptions(
+            text_field=text_field,
+            min_chars=min_chars,
+            near_dup_threshold=near_dup_threshold,
+            valid_ratio=valid_ratio,
+            exclude=[str(p) for p in exclude or []],
+            exclude_ngram=exclude_ngram,
+        )
         with console.status("reading and cleaning documents..."):
             prepared = prepare_documents(inputs, options)
         tokenizer = load_tokenizer(resolve_base(base))
@@ -108,8 +119,13 @@ def stats_table(stats: dict) -> Table:
 @app.command(epilog=_fields_help())
 def train(
     config: Annotated[Path, typer.Argument(help="Run configuration (YAML); see configs/.")],
-    out: Annotated[Path | None, typer.Option("--out", metavar="DIR", help="Run folder (default: the config's 'out').")] = None,
-    set_: Annotated[list[str] | None, typer.Option("--set", metavar="KEY=VALUE", help="Override a key: --set train.lr=1e-4 (repeatable).")] = None,
+    out: Annotated[
+        Path | None, typer.Option("--out", metavar="DIR", help="Run folder (default: the config's 'out').")
+    ] = None,
+    set_: Annotated[
+        list[str] | None,
+        typer.Option("--set", metavar="KEY=VALUE", help="Override a key: --set train.lr=1e-4 (repeatable)."),
+    ] = None,
     overwrite: Annotated[bool, typer.Option(help="Replace a previous run in --out.")] = False,
 ) -> None:
     """Train a LoRA adapter: measure validation perplexity, train, measure again, save."""
@@ -144,7 +160,9 @@ def print_run_summary(summary: dict, out_dir: Path) -> None:
         side.add_column("adapter", ratio=1)
         side.add_row(row["prompt"], row["base"], row["adapter"])
         console.print(side)
-    console.print(f"adapter: {out_dir / 'adapter'}   summary: {out_dir / 'summary.json'}   metrics: {out_dir / 'metrics.jsonl'}")
+    console.print(
+        f"adapter: {out_dir / 'adapter'}   summary: {out_dir / 'summary.json'}   metrics: {out_dir / 'metrics.jsonl'}"
+    )
 
 
 def run() -> None:

@@ -41,9 +41,7 @@ class DataSection(Section):
         description="Validation data, same kinds as data.train; empty = a document-level split of data.train.",
     )
     text_field: str = Field("text", description="Field holding the text in JSONL records.")
-    valid_ratio: float = Field(
-        0.1, ge=0.0, lt=1.0, description="Share of documents held out when data.valid is empty."
-    )
+    valid_ratio: float = Field(0.1, ge=0.0, lt=1.0, description="Share of documents held out when data.valid is empty.")
     min_chars: int = Field(200, ge=0, description="Drop documents shorter than this many characters.")
     near_dup_threshold: float = Field(
         0.8, gt=0.0, le=1.0, description="Jaccard similarity above which near-duplicates are dropped."
@@ -66,7 +64,9 @@ class LoraSection(Section):
     r: int = Field(16, ge=1, description="LoRA rank.")
     alpha: float = Field(32.0, gt=0, description="LoRA alpha; the update is scaled by alpha / r.")
     dropout: float = Field(
-        0.0, ge=0.0, lt=1.0,
+        0.0,
+        ge=0.0,
+        lt=1.0,
         description="Dropout on the LoRA input (0 skips a mask per adapted layer: ~25% faster on CPU).",
     )
     target_modules: list[str] | str = Field(

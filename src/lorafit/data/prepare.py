@@ -2,15 +2,14 @@
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from lorafit.data.clean import normalize_text
-from lorafit.data.dedup import drop_exact_duplicates, drop_near_duplicates
 from lorafit.data.decontaminate import drop_contaminated, excluded_ngrams
+from lorafit.data.dedup import drop_exact_duplicates, drop_near_duplicates
 from lorafit.data.documents import Document, Problems
 from lorafit.data.readers import read_documents
 from lorafit.data.split import split_documents
@@ -66,9 +65,7 @@ def prepare_documents(inputs: Iterable[str | Path], options: PrepareOptions) -> 
         banned = excluded_ngrams(options.exclude, options.exclude_ngram)
         documents, removed["contaminated"] = drop_contaminated(documents, banned, options.exclude_ngram)
     if not documents:
-        raise DataError(
-            f"No documents left after cleaning ({removed}); check the inputs or lower data.min_chars."
-        )
+        raise DataError(f"No documents left after cleaning ({removed}); check the inputs or lower data.min_chars.")
     train, valid = split_documents(documents, options.valid_ratio)
     stats = {
         "documents_in": len(raw) + removed["unreadable"],

@@ -29,9 +29,7 @@ def find_files(inputs: Iterable[str | Path]) -> list[Path]:
         if path.is_dir():
             found = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in SUFFIXES)
             if not found:
-                raise DataError(
-                    f"{path}: no supported documents inside ({', '.join(sorted(SUFFIXES))})."
-                )
+                raise DataError(f"{path}: no supported documents inside ({', '.join(sorted(SUFFIXES))}).")
             files.extend(found)
         elif path.is_file():
             if path.suffix.lower() not in SUFFIXES:
@@ -90,7 +88,8 @@ def read_jsonl(path: Path, text_field: str, problems: Problems) -> Iterator[Docu
             if not isinstance(text, str):
                 found = ", ".join(sorted(map(str, record))) or "none"
                 problems.add(
-                    where, "unreadable",
+                    where,
+                    "unreadable",
                     f"no text field '{text_field}' (fields: {found}); set data.text_field / --text-field",
                 )
                 continue

@@ -8,8 +8,9 @@ import torch
 
 
 @torch.no_grad()
-def greedy_continuation(model, tokenizer, prompt: str, max_new_tokens: int, device: torch.device,
-                        autocast=nullcontext) -> str:
+def greedy_continuation(
+    model, tokenizer, prompt: str, max_new_tokens: int, device: torch.device, autocast=nullcontext
+) -> str:
     encoded = tokenizer(prompt, return_tensors="pt", add_special_tokens=False).to(device)
     with autocast():
         output = model.generate(
@@ -22,8 +23,9 @@ def greedy_continuation(model, tokenizer, prompt: str, max_new_tokens: int, devi
     return tokenizer.decode(output[0, encoded["input_ids"].shape[1] :], skip_special_tokens=True)
 
 
-def side_by_side(peft_model, tokenizer, prompts: list[str], max_new_tokens: int, device: torch.device,
-                 autocast=nullcontext) -> list[dict]:
+def side_by_side(
+    peft_model, tokenizer, prompts: list[str], max_new_tokens: int, device: torch.device, autocast=nullcontext
+) -> list[dict]:
     """[{prompt, base, adapter}] — the base is the same weights with the adapter disabled."""
     was_training = peft_model.training
     peft_model.eval()

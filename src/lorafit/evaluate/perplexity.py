@@ -34,8 +34,9 @@ def _batches(blocks: list[np.ndarray], batch_size: int):
 
 
 @torch.no_grad()
-def evaluate_loss(objective: torch.nn.Module, blocks: list[np.ndarray], batch_size: int,
-                  device: torch.device, autocast) -> LossResult:
+def evaluate_loss(
+    objective: torch.nn.Module, blocks: list[np.ndarray], batch_size: int, device: torch.device, autocast
+) -> LossResult:
     """Mean next-token loss over all tokens of `blocks`; `objective` returns summed losses."""
     was_training = objective.training
     objective.eval()

@@ -33,8 +33,7 @@ def embedded_gguf_path() -> Path:
     spec = importlib.util.find_spec(EMBEDDED_PACKAGE)
     if spec is None or not spec.submodule_search_locations:
         raise ModelError(
-            f"The embedded default model is not installed; run `{INSTALL_HINT}` "
-            "or name a base model with model.base."
+            f"The embedded default model is not installed; run `{INSTALL_HINT}` or name a base model with model.base."
         )
     folder = Path(next(iter(spec.submodule_search_locations)))
     ggufs = sorted(folder.glob("*.gguf"))

@@ -15,7 +15,12 @@ import torch
 from lorafit.errors import ModelError
 from lorafit.model.embedded import EMBEDDED_NAME, cached_gguf_folder, embedded_model_folder
 
-WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
+WEIGHT_FILES = (
+    "model.safetensors",
+    "model.safetensors.index.json",
+    "pytorch_model.bin",
+    "pytorch_model.bin.index.json",
+)
 _HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
 
 
@@ -78,6 +83,15 @@ def _hub_failure(ref: BaseModelRef, why: Exception | str) -> ModelError:
         "If this machine is offline, download the model elsewhere and set model.base to its local "
         "folder (or a .gguf file); leave model.base empty for the embedded default."
     )
+
+
+def load_model_config(ref: BaseModelRef):
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(ref.path)
+    except (OSError, ValueError) as exc:
+        raise ModelError(f"{ref.path}: cannot read the model's config.json ({exc}).") from None
 
 
 def load_tokenizer(ref: BaseModelRef):

@@ -109,11 +109,17 @@ def train_loop(
         state.train_seconds += elapsed
         tokens_per_second = step_tokens / elapsed
         if state.step % train.log_every == 0 or state.step == train.max_steps:
-            log_metrics({
-                "step": state.step, "loss": round(loss, 6), "lr": lr, "grad_norm": round(grad_norm, 6),
-                "tokens_per_second": round(tokens_per_second, 1), "tokens": state.tokens_seen,
-                "epoch": stream.epoch,
-            })
+            log_metrics(
+                {
+                    "step": state.step,
+                    "loss": round(loss, 6),
+                    "lr": lr,
+                    "grad_norm": round(grad_norm, 6),
+                    "tokens_per_second": round(tokens_per_second, 1),
+                    "tokens": state.tokens_seen,
+                    "epoch": stream.epoch,
+                }
+            )
         if progress is not None:
             progress.update(task, advance=1, loss=loss, lr=lr, tps=tokens_per_second)
 
@@ -123,8 +129,9 @@ def train_loop(
     return state
 
 
-def record_validation(state: LoopState, model: torch.nn.Module, result: LossResult, patience: int,
-                      log_metrics: Callable[[dict], None]) -> None:
+def record_validation(
+    state: LoopState, model: torch.nn.Module, result: LossResult, patience: int, log_metrics: Callable[[dict], None]
+) -> None:
     """Log a validation, keep the best weights, and decide on early stopping."""
     log_metrics({"step": state.step, "valid_loss": round(result.loss, 6), "valid_ppl": round(result.perplexity, 4)})
     if result.loss < state.best_valid_loss:

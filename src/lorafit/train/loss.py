@@ -21,18 +21,22 @@ IGNORE_INDEX = -100
 class FusedLinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, labels, chunk_tokens: int, compute_dtype: torch.dtype):
+        # Softmax statistics in at least fp32, whatever the matmul dtype.
+        acc_dtype = torch.promote_types(compute_dtype, torch.float32)
         with torch.autocast(device_type=hidden.device.type, enabled=False):
             weight_c = weight.detach().to(compute_dtype)
             grad_hidden = torch.empty_like(hidden) if hidden.requires_grad else None
-            grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if weight.requires_grad else None
-            total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+            grad_weight = (
+                torch.zeros(weight.shape, dtype=acc_dtype, device=weight.device) if weight.requires_grad else None
+            )
+            total = torch.zeros((), dtype=acc_dtype, device=hidden.device)
             for start in range(0, hidden.shape[0], chunk_tokens):
                 end = min(start + chunk_tokens, hidden.shape[0])
                 h = hidden[start:end].detach().to(compute_dtype)
                 y = labels[start:end]
                 keep = y != IGNORE_INDEX
                 y_safe = torch.where(keep, y, 0)
-                logits = (h @ weight_c.T).float()
+                logits = (h @ weight_c.T).to(acc_dtype)
                 target = logits.gather(1, y_safe[:, None]).squeeze(1)
                 # One exp pass gives both the log-sum-exp and the softmax (for the gradient).
                 row_max = logits.amax(dim=1, keepdim=True)
@@ -50,7 +54,7 @@ class FusedLinearCrossEntropy(torch.autograd.Function):
                 if grad_hidden is not None:
                     grad_hidden[start:end] = (grad_logits @ weight_c).to(hidden.dtype)
                 if grad_weight is not None:
-                    grad_weight += (grad_logits.T @ h).float()
+                    grad_weight += (grad_logits.T @ h).to(acc_dtype)
         ctx.save_for_backward(*(t for t in (grad_hidden, grad_weight) if t is not None))
         ctx.has = (grad_hidden is not None, grad_weight is not None)
         ctx.weight_dtype = weight.dtype
@@ -65,8 +69,13 @@ class FusedLinearCrossEntropy(torch.autograd.Function):
         return grad_hidden, grad_weight, None, None, None
 
 
-def fused_lm_loss_sum(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
-                      chunk_tokens: int = 1024, compute_dtype: torch.dtype | None = None) -> torch.Tensor:
+def fused_lm_loss_sum(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    chunk_tokens: int = 1024,
+    compute_dtype: torch.dtype | None = None,
+) -> torch.Tensor:
     """Sum of next-token losses. `hidden` (B, L, H) predicts `labels` (B, L) shifted by one."""
     shifted_hidden = hidden[:, :-1].reshape(-1, hidden.shape[-1])
     shifted_labels = labels[:, 1:].reshape(-1)
@@ -77,7 +86,7 @@ def fused_lm_loss_sum(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.
 def reference_lm_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """The plain formulation (full logits), used when the output layer is not a plain Linear."""
     return F.cross_entropy(
-        logits[:, :-1].reshape(-1, logits.shape[-1]).float(),
+        logits[:, :-1].reshape(-1, logits.shape[-1]).to(torch.promote_types(logits.dtype, torch.float32)),
         labels[:, 1:].reshape(-1),
         ignore_index=IGNORE_INDEX,
         reduction="sum",

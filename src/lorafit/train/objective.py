@@ -24,7 +24,9 @@ class CausalLMObjective(torch.nn.Module):
         self.compute_dtype = compute_dtype
         self.chunk_tokens = chunk_tokens
 
-    def forward(self, input_ids: torch.Tensor, labels: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self, input_ids: torch.Tensor, labels: torch.Tensor, attention_mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
         causal_lm = causal_lm_of(self.model)
         head = causal_lm.get_output_embeddings()
         decoder = getattr(causal_lm, "model", None)

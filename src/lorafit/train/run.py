@@ -22,7 +22,7 @@ from lorafit.errors import ConfigError, UsageError
 from lorafit.evaluate.generate import default_prompt, side_by_side
 from lorafit.evaluate.perplexity import LossResult, evaluate_loss
 from lorafit.io import append_jsonl, write_json_atomic, write_text_atomic
-from lorafit.model.load import load_causal_lm, load_tokenizer, resolve_base, weights_fingerprint
+from lorafit.model.load import load_causal_lm, load_model_config, load_tokenizer, resolve_base, weights_fingerprint
 from lorafit.model.lora import apply_lora, parameter_report
 from lorafit.train.batches import stack_blocks
 from lorafit.train.loop import LoopState, record_validation, restore_trainable, train_loop
@@ -51,9 +51,7 @@ def seed_everything(seed: int) -> None:
 
 def prepare_out_dir(out_dir: Path, overwrite: bool) -> None:
     if (out_dir / "config.yaml").exists() and not overwrite:
-        raise UsageError(
-            f"{out_dir} already holds a run (config.yaml); choose another --out or pass --overwrite."
-        )
+        raise UsageError(f"{out_dir} already holds a run (config.yaml); choose another --out or pass --overwrite.")
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "metrics.jsonl").unlink(missing_ok=True)
 
@@ -64,8 +62,9 @@ def check_seq_len(seq_len: int, model_config) -> None:
         raise ConfigError(f"train.seq_len={seq_len} exceeds the model's maximum of {limit}; lower train.seq_len.")
 
 
-def run_training(config: RunConfig, out_dir: Path | None = None, overwrite: bool = False,
-                 console: Console | None = None) -> RunResult:
+def run_training(
+    config: RunConfig, out_dir: Path | None = None, overwrite: bool = False, console: Console | None = None
+) -> RunResult:
     from accelerate import Accelerator
 
     console = console or Console()
@@ -80,7 +79,9 @@ def run_training(config: RunConfig, out_dir: Path | None = None, overwrite: bool
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     precision = resolve_precision(train_cfg.precision, device)
-    accelerator = Accelerator(mixed_precision="bf16" if precision == "bf16" else "no", cpu=device.type == "cpu")
+    # lorafit applies autocast itself (train.precision); accelerate's own mixed-precision state is a
+    # process-wide singleton that could not change between runs in one process (tests, notebooks).
+    accelerator = Accelerator(mixed_precision="no", cpu=device.type == "cpu")
     device = accelerator.device
 
     def autocast():
@@ -89,6 +90,7 @@ def run_training(config: RunConfig, out_dir: Path | None = None, overwrite: bool
     seed_everything(train_cfg.seed)
 
     ref = resolve_base(config.model.base)
+    check_seq_len(train_cfg.seq_len, load_model_config(ref))  # before any expensive work
     tokenizer = load_tokenizer(ref)
     console.print(f"[bold]base[/] {ref.name}  [bold]precision[/] {precision}  [bold]device[/] {device}")
 
@@ -115,11 +117,11 @@ def run_training(config: RunConfig, out_dir: Path | None = None, overwrite: bool
     }
     console.print(
         f"[bold]data[/] {data_stats['train_documents']} train / {data_stats['valid_documents']} valid documents, "
-        f"{data_stats['train_tokens']:,} / {data_stats['valid_tokens']:,} tokens, {len(train_blocks)} blocks of {train_cfg.seq_len}"
+        f"{data_stats['train_tokens']:,} / {data_stats['valid_tokens']:,} tokens, "
+        f"{len(train_blocks)} blocks of {train_cfg.seq_len}"
     )
 
     model = load_causal_lm(ref, weight_dtype(precision))
-    check_seq_len(train_cfg.seq_len, model.config)
     model = apply_lora(model, config.lora, under_autocast=precision == "bf16")
     if train_cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -149,18 +151,31 @@ def run_training(config: RunConfig, out_dir: Path | None = None, overwrite: bool
 
     console.print("measuring validation perplexity of the base model...")
     before = validate(valid_blocks)
-    console.print(f"[bold]valid ppl before[/] {before.perplexity:.3f}  (loss {before.loss:.4f}, {before.tokens:,} tokens)")
+    console.print(
+        f"[bold]valid ppl before[/] {before.perplexity:.3f}  (loss {before.loss:.4f}, {before.tokens:,} tokens)"
+    )
     log_metrics({"step": 0, "valid_loss": round(before.loss, 6), "valid_ppl": round(before.perplexity, 4)})
 
     def on_step_end(state: LoopState) -> None:
         if train_cfg.save_every and state.step % train_cfg.save_every == 0 and state.step < train_cfg.max_steps:
-            save_adapter(accelerator.unwrap_model(objective).model, out_dir / "checkpoints" / f"step-{state.step}" / "adapter",
-                         {"step": state.step})
+            save_adapter(
+                accelerator.unwrap_model(objective).model,
+                out_dir / "checkpoints" / f"step-{state.step}" / "adapter",
+                {"step": state.step},
+            )
 
     with training_progress(console) as progress:
         state = train_loop(
-            accelerator, objective, optimizer, stack_blocks(train_blocks), train_cfg, autocast,
-            validate, log_metrics, on_step_end, progress,
+            accelerator,
+            objective,
+            optimizer,
+            stack_blocks(train_blocks),
+            train_cfg,
+            autocast,
+            validate,
+            log_metrics,
+            on_step_end,
+            progress,
         )
 
     final = validate(valid_blocks)
@@ -197,12 +212,21 @@ def run_training(config: RunConfig, out_dir: Path | None = None, overwrite: bool
         "data": data_stats,
     }
     if accelerator.is_main_process:
-        save_adapter(peft_model, out_dir / "adapter", {
-            "base_model": {"spec": ref.spec, "name": ref.name, "path": ref.path, "weights_fingerprint": weights_fingerprint(ref)},
-            "config": config.model_dump(mode="json"),
-            "data": data_stats,
-            "metrics": {k: summary[k] for k in ("valid_ppl_before", "valid_ppl_after", "steps", "train_tokens")},
-        })
+        save_adapter(
+            peft_model,
+            out_dir / "adapter",
+            {
+                "base_model": {
+                    "spec": ref.spec,
+                    "name": ref.name,
+                    "path": ref.path,
+                    "weights_fingerprint": weights_fingerprint(ref),
+                },
+                "config": config.model_dump(mode="json"),
+                "data": data_stats,
+                "metrics": {k: summary[k] for k in ("valid_ppl_before", "valid_ppl_after", "steps", "train_tokens")},
+            },
+        )
         prompts = list(config.eval.prompts) or [default_prompt(documents.valid[0].text)]
         generations = side_by_side(peft_model, tokenizer, prompts, config.eval.max_new_tokens, device, autocast)
         summary["generations"] = generations

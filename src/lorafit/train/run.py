@@ -178,18 +178,16 @@ def run_training(
             progress,
         )
 
-    final = validate(valid_blocks)
-    best_step = state.best_step
+    # Choose the adapter on the same blocks as the periodic validations, then report on all of them.
+    final = validate()
     record_validation(state, objective, final, 0, log_metrics)
-    after = final
-    if state.best_step != state.step and state.best_trainable is not None:
+    restored = state.best_step != state.step and state.best_trainable is not None
+    if restored:
         # An earlier validation was better (early stopping or overfitting): keep those weights.
         restore_trainable(objective, state.best_trainable)
-        after = validate(valid_blocks)
         console.print(f"restored the best adapter from step {state.best_step}")
-    else:
-        best_step = state.step
     state.best_trainable = None
+    after = final if not restored and len(capped_valid) == len(valid_blocks) else validate(valid_blocks)
 
     peft_model = accelerator.unwrap_model(objective).model
     summary = {
@@ -198,7 +196,7 @@ def run_training(
         "device": str(device),
         "steps": state.step,
         "stopped_early": state.stopped_early,
-        "best_step": best_step,
+        "best_step": state.best_step,
         "skipped_steps": state.skipped_steps,
         "valid_loss_before": before.loss,
         "valid_loss_after": after.loss,

@@ -211,8 +211,9 @@ def main() -> None:
     print(f"{'lorafit':10}{ours_tps:>10.1f}{ours['peak_rss_mb']:>13.0f}{loss_ours:>15.4f}")
     print("per-step loss peer:   ", " ".join(f"{x:.3f}" for x in peer["losses"]))
     print("per-step loss lorafit:", " ".join(f"{x:.3f}" for x in ours["losses"]))
+    rss_ratio = ours["peak_rss_mb"] / peer["peak_rss_mb"]
     print(
-        f"RESULT tokens_per_s_ratio={ours_tps / peer_tps:.3f} peak_rss_ratio={ours['peak_rss_mb'] / peer['peak_rss_mb']:.3f} "
+        f"RESULT tokens_per_s_ratio={ours_tps / peer_tps:.3f} peak_rss_ratio={rss_ratio:.3f} "
         f"loss_lorafit={loss_ours:.4f} loss_peer={loss_peer:.4f}"
     )
 

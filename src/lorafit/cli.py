@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import warnings
 from pathlib import Path
 from typing import Annotated
 
@@ -44,6 +45,10 @@ def main(
         console.print(f"lorafit {__version__}")
         raise typer.Exit()
     logging.basicConfig(level=logging.INFO if _debug else logging.WARNING, format="%(message)s")
+    if not _debug:
+        # Deprecation notices from the libraries underneath are for us, not for our users.
+        warnings.filterwarnings("ignore", category=FutureWarning)
+        warnings.filterwarnings("ignore", category=DeprecationWarning)
     # transformers' own progress bars and advice are noise in our output.
     os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
     from transformers.utils import logging as hf_logging

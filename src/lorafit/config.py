@@ -109,7 +109,7 @@ class TrainSection(Section):
     )
     gradient_checkpointing: bool = Field(False, description="Recompute activations to save memory.")
     loss_chunk_tokens: int = Field(
-        1024, ge=64, description="Tokens per chunk of the fused output-layer loss (bounds logits memory)."
+        128, ge=16, description="Tokens per chunk of the fused output-layer loss (bounds logits memory)."
     )
     log_every: int = Field(1, ge=1, description="Write a metrics line every N optimizer steps.")
 

@@ -5,11 +5,15 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
+
 from lorafit.config import DataSection
 from lorafit.data.documents import Document, Problems
+from lorafit.data.pack import pack_documents
 from lorafit.data.prepare import PrepareOptions, prepare_documents, write_prepared
 from lorafit.data.readers import find_files, read_documents
 from lorafit.data.split import split_documents
+from lorafit.data.tokenize import tokenize_cached
 from lorafit.errors import DataError
 
 
@@ -65,3 +69,34 @@ def load_run_documents(data: DataSection, prepared_dir: Path) -> RunDocuments:
             "No validation documents: set data.valid, or a data.valid_ratio > 0 with at least two training documents."
         )
     return RunDocuments(train=train, valid=valid, stats=stats, problems=problems)
+
+
+@dataclass
+class RunBlocks:
+    train: list[np.ndarray]
+    valid: list[np.ndarray]
+    stats: dict
+
+
+def pack_run_documents(documents: RunDocuments, tokenizer, seq_len: int) -> RunBlocks:
+    """Tokenize (cached) and pack: full blocks for training, every token kept for validation."""
+    train_ids = tokenize_cached([d.text for d in documents.train], tokenizer)
+    valid_ids = tokenize_cached([d.text for d in documents.valid], tokenizer)
+    train = pack_documents(train_ids, tokenizer.eos_token_id, seq_len)
+    valid = pack_documents(valid_ids, tokenizer.eos_token_id, seq_len, keep_tail=True)
+    train_tokens = int(sum(len(ids) for ids in train_ids))
+    if not train:
+        raise DataError(
+            f"The training data has fewer tokens ({train_tokens}) than one block of "
+            f"train.seq_len={seq_len}; add data or lower train.seq_len."
+        )
+    stats = {
+        **documents.stats,
+        "train_documents": len(documents.train),
+        "valid_documents": len(documents.valid),
+        "train_tokens": train_tokens,
+        "valid_tokens": int(sum(len(ids) for ids in valid_ids)),
+        "train_blocks": len(train),
+        "valid_blocks": len(valid),
+    }
+    return RunBlocks(train=train, valid=valid, stats=stats)

@@ -15,13 +15,13 @@ from rich.console import Console
 
 from lorafit.adapters.save import save_adapter
 from lorafit.config import RunConfig, config_to_yaml
-from lorafit.data.datasets import load_run_documents
-from lorafit.data.pack import pack_documents
-from lorafit.data.tokenize import tokenize_cached
+from lorafit.data.datasets import load_run_documents, pack_run_documents
 from lorafit.errors import ConfigError, UsageError
 from lorafit.evaluate.generate import default_prompt, side_by_side
 from lorafit.evaluate.perplexity import LossResult, evaluate_loss
 from lorafit.io import append_jsonl, write_json_atomic, write_text_atomic
+from lorafit.model.attention import use_block_causal_attention
+from lorafit.model.dropout import use_int16_mask_dropout
 from lorafit.model.load import load_causal_lm, load_model_config, load_tokenizer, resolve_base, weights_fingerprint
 from lorafit.model.lora import apply_lora, parameter_report
 from lorafit.train.batches import stack_blocks
@@ -97,24 +97,8 @@ def run_training(
     documents = load_run_documents(config.data, out_dir / "data")
     for problem in documents.problems.items[:20]:
         console.print(f"[yellow]skipped[/] {problem.where}: {problem.message}")
-    train_ids = tokenize_cached([d.text for d in documents.train], tokenizer)
-    valid_ids = tokenize_cached([d.text for d in documents.valid], tokenizer)
-    train_blocks = pack_documents(train_ids, tokenizer.eos_token_id, train_cfg.seq_len)
-    valid_blocks = pack_documents(valid_ids, tokenizer.eos_token_id, train_cfg.seq_len, keep_tail=True)
-    if not train_blocks:
-        raise UsageError(
-            f"The training data has fewer tokens ({sum(map(len, train_ids))}) than one block of "
-            f"train.seq_len={train_cfg.seq_len}; add data or lower train.seq_len."
-        )
-    data_stats = {
-        **documents.stats,
-        "train_documents": len(documents.train),
-        "valid_documents": len(documents.valid),
-        "train_tokens": int(sum(len(t) for t in train_ids)),
-        "valid_tokens": int(sum(len(t) for t in valid_ids)),
-        "train_blocks": len(train_blocks),
-        "valid_blocks": len(valid_blocks),
-    }
+    blocks = pack_run_documents(documents, tokenizer, train_cfg.seq_len)
+    train_blocks, valid_blocks, data_stats = blocks.train, blocks.valid, blocks.stats
     console.print(
         f"[bold]data[/] {data_stats['train_documents']} train / {data_stats['valid_documents']} valid documents, "
         f"{data_stats['train_tokens']:,} / {data_stats['valid_tokens']:,} tokens, "
@@ -122,7 +106,12 @@ def run_training(
     )
 
     model = load_causal_lm(ref, weight_dtype(precision))
+    cpu_bf16 = device.type == "cpu" and precision == "bf16"
+    if cpu_bf16:
+        use_block_causal_attention(model)
     model = apply_lora(model, config.lora, under_autocast=precision == "bf16")
+    if device.type == "cpu":
+        use_int16_mask_dropout(model)
     if train_cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()

@@ -95,6 +95,18 @@ def test_sphinx_html_keeps_code_and_tables_drops_navigation():
     assert "Presentation Type" in table_page or "Meaning" in table_page  # table content kept
 
 
+def test_code_inside_sphinx_definition_lists_keeps_its_lines():
+    text = html_main_text((PYDOCS / "library" / "itertools.html").read_text())
+    assert "itertools.accumulate(iterable[, func, *, initial=None])" in text  # the signature (<dt>)
+    assert ">>> data = [3, 4, 6, 2, 1, 9, 0, 7, 5, 8]\n>>> list(accumulate(data, operator.mul))" in text
+    assert "def accumulate(iterable, func=operator.add, *, initial=None):\n    'Return running totals'" in text
+
+
+def test_unparsable_html_is_still_read():
+    assert html_main_text("") == ""
+    assert "hello world" in html_main_text("<p>" + "hello world " * 20 + "</p>")
+
+
 def test_prepared_html_has_no_pilcrow_anchors():
     prepared = prepare_documents([PYDOCS / "tutorial"], PrepareOptions(valid_ratio=0))
     assert prepared.train and all("\u00b6" not in d.text for d in prepared.train)

@@ -42,12 +42,31 @@ def find_files(inputs: Iterable[str | Path]) -> list[Path]:
     return files
 
 
+# trafilatura flattens <pre> blocks nested in definition lists (one line per code example), and
+# Sphinx puts every function's documentation in one (<dl><dt>signature</dt><dd>text, examples</dd>).
+_DEFINITION_LIST_TAGS = {"dl": "div", "dt": "p", "dd": "div"}
+
+
+def _parse_html(html: str):
+    """An lxml tree with definition lists turned into paragraphs and blocks, or the raw string."""
+    import lxml.etree
+    import lxml.html
+
+    try:
+        tree = lxml.html.fromstring(html)
+    except (lxml.etree.ParserError, ValueError):
+        return html
+    for element in tree.iter(*_DEFINITION_LIST_TAGS):
+        element.tag = _DEFINITION_LIST_TAGS[element.tag]
+    return tree
+
+
 def html_main_text(html: str) -> str:
     """Main content of an HTML page; navigation, headers and footers dropped, code and tables kept."""
     import trafilatura
 
     text = trafilatura.extract(
-        html,
+        _parse_html(html),
         include_comments=False,
         include_tables=True,
         include_formatting=False,

@@ -70,6 +70,7 @@ def isolated_home(tmp_path, monkeypatch):
     from lorafit.home import lorafit_home
 
     shared_models = lorafit_home() / "models"
+    shared_models.mkdir(exist_ok=True)  # on a fresh machine nothing is cached yet
     home = tmp_path / "lorafit-home"
     home.mkdir()
     (home / "models").symlink_to(shared_models, target_is_directory=True)

@@ -201,3 +201,24 @@ def test_console_script_reports_errors_without_traceback(tmp_path):
     assert proc.returncode == 2
     assert "unknown key 'lora.rank'" in proc.stdout + proc.stderr
     assert "Traceback" not in proc.stdout + proc.stderr
+
+
+def test_gradient_checkpointing_gives_the_same_training(tmp_path, tiny_model_dir):
+    data = make_corpus(tmp_path / "docs")
+    losses = {}
+    for checkpointing in (False, True):
+        config = write_config(
+            tmp_path,
+            tiny_model_dir,
+            data,
+            max_steps=3,
+            eval_every=0,
+            save_every=0,
+            gradient_checkpointing=checkpointing,
+        )
+        out = tmp_path / f"run-{checkpointing}"
+        result = invoke("train", str(config), "--out", str(out))
+        assert result.exit_code == 0, result.output
+        lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+        losses[checkpointing] = [r["loss"] for r in lines if "loss" in r]
+    assert losses[True] == pytest.approx(losses[False], rel=1e-5)

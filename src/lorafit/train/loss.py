@@ -73,7 +73,7 @@ def fused_lm_loss_sum(
     hidden: torch.Tensor,
     weight: torch.Tensor,
     labels: torch.Tensor,
-    chunk_tokens: int = 1024,
+    chunk_tokens: int = 128,
     compute_dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
     """Sum of next-token losses. `hidden` (B, L, H) predicts `labels` (B, L) shifted by one."""

@@ -18,7 +18,7 @@ def causal_lm_of(model: torch.nn.Module) -> torch.nn.Module:
 
 
 class CausalLMObjective(torch.nn.Module):
-    def __init__(self, model: torch.nn.Module, compute_dtype: torch.dtype, chunk_tokens: int = 1024):
+    def __init__(self, model: torch.nn.Module, compute_dtype: torch.dtype, chunk_tokens: int = 128):
         super().__init__()
         self.model = model
         self.compute_dtype = compute_dtype

@@ -106,8 +106,7 @@ def run_training(
     )
 
     model = load_causal_lm(ref, weight_dtype(precision))
-    cpu_bf16 = device.type == "cpu" and precision == "bf16"
-    if cpu_bf16:
+    if device.type == "cpu" and precision == "bf16":
         use_block_causal_attention(model)
     model = apply_lora(model, config.lora, under_autocast=precision == "bf16")
     if device.type == "cpu":
@@ -128,11 +127,10 @@ def run_training(
     )
     objective, optimizer = accelerator.prepare(objective, optimizer)
 
-    eval_batch = max(train_cfg.micro_batch_size, 1)
     capped_valid = valid_blocks[: train_cfg.eval_max_blocks] if train_cfg.eval_max_blocks else valid_blocks
 
     def validate(blocks=capped_valid) -> LossResult:
-        return evaluate_loss(objective, blocks, eval_batch, device, autocast)
+        return evaluate_loss(objective, blocks, train_cfg.micro_batch_size, device, autocast)
 
     def log_metrics(record: dict) -> None:
         if accelerator.is_main_process:

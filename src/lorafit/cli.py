@@ -132,6 +132,17 @@ def train(
         typer.Option("--set", metavar="KEY=VALUE", help="Override a key: --set train.lr=1e-4 (repeatable)."),
     ] = None,
     overwrite: Annotated[bool, typer.Option(help="Replace a previous run in --out.")] = False,
+    resume: Annotated[
+        str | None,
+        typer.Option(
+            metavar="[CHECKPOINT]",
+            help="Continue an interrupted run exactly: alone, from the newest OUT/checkpoints/step-N; "
+            "or from the given checkpoint folder.",
+        ),
+    ] = None,
+    ignore_changes: Annotated[
+        bool, typer.Option(help="Resume even though the config, data or base model changed.")
+    ] = False,
 ) -> None:
     """Train a LoRA adapter: measure validation perplexity, train, measure again, save."""
     from lorafit.config import load_config
@@ -139,7 +150,9 @@ def train(
 
     try:
         run_config = load_config(config, set_ or [])
-        result = run_training(run_config, out, overwrite=overwrite, console=console)
+        result = run_training(
+            run_config, out, overwrite=overwrite, console=console, resume=resume, ignore_changes=ignore_changes
+        )
     except LorafitError as exc:
         _fail(exc)
         return
@@ -170,10 +183,21 @@ def print_run_summary(summary: dict, out_dir: Path) -> None:
     )
 
 
+def bare_resume_means_latest(argv: list[str]) -> list[str]:
+    """`--resume` with no value (last, or followed by another option) means `--resume latest`;
+    typer has no options with an optional value."""
+    out = []
+    for index, arg in enumerate(argv):
+        out.append(arg)
+        if arg == "--resume" and (index + 1 == len(argv) or argv[index + 1].startswith("-")):
+            out.append("latest")
+    return out
+
+
 def run() -> None:
     """Console-script entry point."""
     try:
-        app()
+        app(args=bare_resume_means_latest(sys.argv[1:]))
     except KeyboardInterrupt:
         console.print("[bold red]interrupted[/]")
         sys.exit(130)

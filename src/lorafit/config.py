@@ -102,7 +102,10 @@ class TrainSection(Section):
     early_stopping_patience: int = Field(
         0, ge=0, description="Stop after this many evaluations without improvement (0 = off)."
     )
-    save_every: int = Field(0, ge=0, description="Save an adapter checkpoint every N steps (0 = only at the end).")
+    save_every: int = Field(
+        0, ge=0, description="Write a resumable checkpoint every N steps and at the end (0 = none)."
+    )
+    keep_checkpoints: int = Field(3, ge=1, description="Keep only the newest N checkpoints.")
     seed: int = Field(0, description="Seed for initialisation and data order.")
     precision: Literal["auto", "fp32", "bf16"] = Field(
         "auto", description="'auto' picks bf16 where the CPU/GPU supports it, else fp32."

@@ -17,6 +17,7 @@ import torch
 
 from lorafit.config import TrainSection
 from lorafit.evaluate.perplexity import LossResult
+from lorafit.train import faults
 from lorafit.train.batches import BlockStream
 from lorafit.train.loss import target_count
 from lorafit.train.schedule import learning_rate, warmup_steps_for
@@ -55,21 +56,30 @@ def train_loop(
     autocast: Callable,
     validate: Callable[[], LossResult],
     log_metrics: Callable[[dict], None],
-    on_step_end: Callable[[LoopState], None] = lambda state: None,
+    on_step_end: Callable[[LoopState, dict], None] = lambda state, position: None,
     progress=None,
     state: LoopState | None = None,
+    position: dict | None = None,
 ) -> LoopState:
+    """Train until train.max_steps (or early stopping); `state` and `position` resume a run."""
     state = state or LoopState()
+    position = position or {"epoch": 0, "index": 0}
     stream = BlockStream(
         num_blocks=blocks.shape[0],
         batch_size=train.micro_batch_size,
         seed=train.seed,
+        epoch=position["epoch"],
+        index=position["index"],
         rank=accelerator.process_index,
         world_size=accelerator.num_processes,
     )
     warmup = warmup_steps_for(train.max_steps, train.warmup_steps)
     params = [p for p in objective.parameters() if p.requires_grad]
-    task = progress.add_task("train", total=train.max_steps, loss=0.0, lr=0.0, tps=0.0) if progress else None
+    task = (
+        progress.add_task("train", total=train.max_steps, completed=state.step, loss=0.0, lr=0.0, tps=0.0)
+        if progress
+        else None
+    )
     objective.train()
 
     while state.step < train.max_steps and not state.stopped_early:
@@ -125,7 +135,8 @@ def train_loop(
 
         if train.eval_every and state.step % train.eval_every == 0 and state.step < train.max_steps:
             record_validation(state, objective, validate(), train.early_stopping_patience, log_metrics)
-        on_step_end(state)
+        on_step_end(state, stream.position())
+        faults.after_step(state.step)
     return state
 
 

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import random
 import resource
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,6 +28,7 @@ from lorafit.model.dropout import use_int16_mask_dropout
 from lorafit.model.load import load_causal_lm, load_model_config, load_tokenizer, resolve_base, weights_fingerprint
 from lorafit.model.lora import apply_lora, parameter_report
 from lorafit.train.batches import stack_blocks
+from lorafit.train.checkpoint import changed_fingerprints, find_checkpoint, load_checkpoint, save_checkpoint
 from lorafit.train.loop import LoopState, record_validation, restore_trainable, train_loop
 from lorafit.train.objective import CausalLMObjective
 from lorafit.train.precision import autocast_context, resolve_precision, weight_dtype
@@ -49,11 +53,50 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def prepare_out_dir(out_dir: Path, overwrite: bool) -> None:
+def prepare_out_dir(out_dir: Path, overwrite: bool, resuming: bool) -> None:
+    if resuming:
+        if not (out_dir / "config.yaml").is_file():
+            raise UsageError(f"--resume: {out_dir} holds no run to resume; check --out.")
+        return
     if (out_dir / "config.yaml").exists() and not overwrite:
-        raise UsageError(f"{out_dir} already holds a run (config.yaml); choose another --out or pass --overwrite.")
+        raise UsageError(
+            f"{out_dir} already holds a run (config.yaml); choose another --out, continue it with --resume, "
+            "or replace it with --overwrite."
+        )
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "metrics.jsonl").unlink(missing_ok=True)
+    shutil.rmtree(out_dir / "checkpoints", ignore_errors=True)  # an old run's checkpoints are not ours
+
+
+def keep_metrics_up_to(path: Path, step: int) -> None:
+    """On resume, drop the lines an interrupted run wrote after its last checkpoint."""
+    if not path.is_file():
+        return
+    lines = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
+    write_text_atomic(path, "".join(line + "\n" for line in lines))
+
+
+def input_fingerprints(config: RunConfig, train_blocks: list, valid_blocks: list, base_fingerprint: str) -> dict:
+    """What a resumed run must share with the run that wrote the checkpoint."""
+
+    def digest(blocks: list) -> str:
+        h = hashlib.sha256()
+        for block in blocks:
+            h.update(np.ascontiguousarray(block, dtype=np.int64).tobytes())
+        return h.hexdigest()
+
+    flat = {
+        f"{section}.{key}": value
+        for section, values in config.model_dump(mode="json").items()
+        if isinstance(values, dict)
+        for key, value in values.items()
+    }
+    return {
+        "config": flat,
+        "train_data": digest(train_blocks),
+        "valid_data": digest(valid_blocks),
+        "base_model": base_fingerprint,
+    }
 
 
 def check_seq_len(seq_len: int, model_config) -> None:
@@ -63,8 +106,14 @@ def check_seq_len(seq_len: int, model_config) -> None:
 
 
 def run_training(
-    config: RunConfig, out_dir: Path | None = None, overwrite: bool = False, console: Console | None = None
+    config: RunConfig,
+    out_dir: Path | None = None,
+    overwrite: bool = False,
+    console: Console | None = None,
+    resume: str | None = None,
+    ignore_changes: bool = False,
 ) -> RunResult:
+    """The whole run; `resume` ('latest' or a checkpoint folder) continues an interrupted one exactly."""
     from accelerate import Accelerator
 
     console = console or Console()
@@ -73,8 +122,9 @@ def run_training(
     config = config.model_copy(update={"out": str(out_dir)})
     train_cfg = config.train
 
-    prepare_out_dir(out_dir, overwrite)
-    write_text_atomic(out_dir / "config.yaml", config_to_yaml(config))
+    prepare_out_dir(out_dir, overwrite, resuming=resume is not None)
+    if resume is None:
+        write_text_atomic(out_dir / "config.yaml", config_to_yaml(config))
     metrics_path = out_dir / "metrics.jsonl"
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -136,19 +186,48 @@ def run_training(
         if accelerator.is_main_process:
             append_jsonl(metrics_path, record)
 
-    console.print("measuring validation perplexity of the base model...")
-    before = validate(valid_blocks)
+    peft_model = accelerator.unwrap_model(objective).model
+    fingerprints = input_fingerprints(config, train_blocks, valid_blocks, weights_fingerprint(ref))
+    state, position, resumed_from = None, None, None
+    if resume is not None:
+        checkpoint = find_checkpoint(out_dir, resume)
+        saved = json.loads((checkpoint / "state.json").read_text())
+        changes = changed_fingerprints(saved["fingerprints"], fingerprints)
+        if changes and not ignore_changes:
+            raise UsageError(
+                f"--resume {checkpoint}: the inputs changed since it was written ({'; '.join(changes)}); "
+                "restore them, or pass --ignore-changes to resume anyway (the result is then not exact)."
+            )
+        state, record = load_checkpoint(checkpoint, accelerator.unwrap_model(objective), optimizer)
+        position, resumed_from = record["position"], str(checkpoint)
+        before = LossResult(**record["before"])
+        keep_metrics_up_to(metrics_path, state.step)
+        console.print(f"resuming from {checkpoint} (step {state.step})")
+    else:
+        console.print("measuring validation perplexity of the base model...")
+        before = validate(valid_blocks)
+        log_metrics({"step": 0, "valid_loss": round(before.loss, 6), "valid_ppl": round(before.perplexity, 4)})
     console.print(
         f"[bold]valid ppl before[/] {before.perplexity:.3f}  (loss {before.loss:.4f}, {before.tokens:,} tokens)"
     )
-    log_metrics({"step": 0, "valid_loss": round(before.loss, 6), "valid_ppl": round(before.perplexity, 4)})
 
-    def on_step_end(state: LoopState) -> None:
-        if train_cfg.save_every and state.step % train_cfg.save_every == 0 and state.step < train_cfg.max_steps:
-            save_adapter(
-                accelerator.unwrap_model(objective).model,
-                out_dir / "checkpoints" / f"step-{state.step}" / "adapter",
-                {"step": state.step},
+    def on_step_end(state: LoopState, position: dict) -> None:
+        finished = state.step >= train_cfg.max_steps or state.stopped_early
+        if train_cfg.save_every and (state.step % train_cfg.save_every == 0 or finished):
+            if not accelerator.is_main_process:
+                return
+            save_checkpoint(
+                out_dir / "checkpoints",
+                accelerator.unwrap_model(objective),
+                optimizer,
+                state,
+                {
+                    "position": position,
+                    "fingerprints": fingerprints,
+                    "before": {"nll_sum": before.nll_sum, "tokens": before.tokens},
+                },
+                save_adapter_to=lambda folder: save_adapter(peft_model, folder, {"step": state.step}),
+                keep=train_cfg.keep_checkpoints,
             )
 
     with training_progress(console) as progress:
@@ -163,6 +242,8 @@ def run_training(
             log_metrics,
             on_step_end,
             progress,
+            state=state,
+            position=position,
         )
 
     # Choose the adapter on the same blocks as the periodic validations, then report on all of them.
@@ -176,8 +257,8 @@ def run_training(
     state.best_trainable = None
     after = final if not restored and len(capped_valid) == len(valid_blocks) else validate(valid_blocks)
 
-    peft_model = accelerator.unwrap_model(objective).model
     summary = {
+        "resumed_from": resumed_from,
         "base_model": ref.name,
         "precision": precision,
         "device": str(device),

@@ -1,0 +1,149 @@
+"""Checkpoints that resume exactly: trainable weights, optimizer, loop state, data position, RNGs.
+
+A checkpoint is a folder `OUT/checkpoints/step-N/`, written to a temporary name, fsynced and renamed,
+so a crash (even SIGKILL) leaves the previous checkpoints intact and never a half-written one:
+
+    trainable.safetensors   trainable parameters (the LoRA weights), by name
+    best.safetensors        the best-validation weights so far, when there are any
+    optimizer.pt            optimizer state
+    rng.pt                  python, numpy and torch (CPU and CUDA) generator states
+    state.json              step, counters, data position (epoch, index), config and data fingerprints
+    adapter/                the same weights as a PEFT adapter, usable on its own
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import shutil
+import tempfile
+from dataclasses import asdict, fields
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+from lorafit.errors import UsageError
+from lorafit.train.loop import LoopState
+
+_STEP_DIR = re.compile(r"^step-(\d+)$")
+
+
+def _fsync_tree(folder: Path) -> None:
+    for path in folder.rglob("*"):
+        if path.is_file():
+            with path.open("rb") as handle:
+                os.fsync(handle.fileno())
+
+
+def rng_state() -> dict:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _trainable(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {name: p.detach().contiguous() for name, p in model.named_parameters() if p.requires_grad}
+
+
+def save_checkpoint(
+    root: Path,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    state: LoopState,
+    record: dict,
+    save_adapter_to=None,
+    keep: int = 3,
+) -> Path:
+    """Write checkpoint `root/step-N` atomically and keep only the newest `keep` of them.
+    `record` (JSON) holds at least the data `position` and the input `fingerprints`."""
+    root.mkdir(parents=True, exist_ok=True)
+    target = root / f"step-{state.step}"
+    staging = Path(tempfile.mkdtemp(prefix=f".step-{state.step}-", dir=root))
+    try:
+        save_file(_trainable(model), str(staging / "trainable.safetensors"))
+        if state.best_trainable is not None:
+            save_file({k: v.contiguous() for k, v in state.best_trainable.items()}, str(staging / "best.safetensors"))
+        torch.save(optimizer.state_dict(), staging / "optimizer.pt")
+        torch.save(rng_state(), staging / "rng.pt")
+        loop = {k: v for k, v in asdict(state).items() if k != "best_trainable"}
+        (staging / "state.json").write_text(json.dumps({"loop": loop, **record}, indent=2))
+        if save_adapter_to is not None:
+            save_adapter_to(staging / "adapter")
+        _fsync_tree(staging)
+        if target.exists():
+            shutil.rmtree(target)
+        os.rename(staging, target)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    for old in list_checkpoints(root)[:-keep] if keep > 0 else []:
+        shutil.rmtree(old, ignore_errors=True)
+    return target
+
+
+def list_checkpoints(root: Path) -> list[Path]:
+    """Complete checkpoints under `root`, oldest first (temporary folders are ignored)."""
+    if not root.is_dir():
+        return []
+    found = [
+        (int(m.group(1)), p) for p in root.iterdir() if (m := _STEP_DIR.match(p.name)) and (p / "state.json").is_file()
+    ]
+    return [p for _, p in sorted(found)]
+
+
+def find_checkpoint(out_dir: Path, resume: str) -> Path:
+    """'latest' -> newest checkpoint in OUT/checkpoints; otherwise a checkpoint folder."""
+    if resume == "latest":
+        found = list_checkpoints(out_dir / "checkpoints")
+        if not found:
+            raise UsageError(f"--resume: no checkpoint in {out_dir / 'checkpoints'}; train without --resume first.")
+        return found[-1]
+    path = Path(resume)
+    if not (path / "state.json").is_file():
+        raise UsageError(f"--resume {path}: not a lorafit checkpoint (no state.json); expected OUT/checkpoints/step-N.")
+    return path
+
+
+def changed_fingerprints(saved: dict, current: dict) -> list[str]:
+    """Human-readable list of what differs between the checkpoint's inputs and the current ones."""
+    changes = []
+    old_config, new_config = saved.get("config", {}), current.get("config", {})
+    for key in sorted(set(old_config) | set(new_config)):
+        if old_config.get(key) != new_config.get(key):
+            changes.append(f"{key}: {old_config.get(key)!r} -> {new_config.get(key)!r}")
+    for key in ("train_data", "valid_data", "base_model"):
+        if saved.get(key) != current.get(key):
+            changes.append(f"{key.replace('_', ' ')} changed")
+    return changes
+
+
+def load_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> tuple[LoopState, dict]:
+    """Restore weights, optimizer and RNGs in place; returns the loop state and the data position."""
+    record = json.loads((path / "state.json").read_text())
+    weights = load_file(str(path / "trainable.safetensors"))
+    params = dict(model.named_parameters())
+    missing = [name for name in weights if name not in params]
+    if missing:
+        raise UsageError(f"{path}: checkpoint weights {missing[:3]} do not belong to this model/LoRA set-up.")
+    with torch.no_grad():
+        for name, tensor in weights.items():
+            params[name].copy_(tensor)
+    optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=False))
+    set_rng_state(torch.load(path / "rng.pt", weights_only=False))
+    known = {f.name for f in fields(LoopState)}
+    state = LoopState(**{k: v for k, v in record["loop"].items() if k in known})
+    best = path / "best.safetensors"
+    state.best_trainable = load_file(str(best)) if best.is_file() else None
+    return state, record

@@ -97,3 +97,17 @@ def test_resume_from_a_named_checkpoint_and_refusal_of_changed_inputs(tmp_path, 
 def test_resume_without_checkpoint_is_a_clear_error(tmp_path, resumable_config):
     missing = lorafit("train", str(resumable_config), "--out", str(tmp_path / "nothing"), "--resume")
     assert missing.returncode == 2 and "holds no run to resume" in missing.stdout
+
+
+def test_sigterm_finishes_the_step_checkpoints_and_says_how_to_resume(tmp_path, resumable_config):
+    whole, stopped = tmp_path / "whole", tmp_path / "stopped"
+    assert lorafit("train", str(resumable_config), "--out", str(whole)).returncode == 0
+    term = lorafit("train", str(resumable_config), "--out", str(stopped), fault="term_after_step:5")
+    assert term.returncode == 130
+    message = " ".join(term.stdout.split())
+    assert "Stopped by SIGTERM after step 5" in message and "--resume" in message
+    assert "Traceback" not in term.stdout + term.stderr
+    assert (stopped / "checkpoints" / "step-5" / "state.json").is_file()  # written although 5 % 3 != 0
+    resumed = lorafit("train", str(resumable_config), "--out", str(stopped), "--resume")
+    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+    assert without_speed(metrics(stopped)) == without_speed(metrics(whole))

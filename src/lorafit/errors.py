@@ -25,3 +25,9 @@ class DataError(LorafitError):
 
 class ModelError(LorafitError):
     """A base model that cannot be found or loaded."""
+
+
+class TrainingInterruptedError(LorafitError):
+    """Stopped by Ctrl-C or SIGTERM after writing a checkpoint (exit code 130, as for SIGINT)."""
+
+    exit_code = 130

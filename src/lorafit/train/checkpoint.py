@@ -19,7 +19,7 @@ import random
 import re
 import shutil
 import tempfile
-from dataclasses import asdict, fields
+from dataclasses import fields
 from pathlib import Path
 
 import numpy as np
@@ -78,7 +78,10 @@ def save_checkpoint(
             save_file({k: v.contiguous() for k, v in state.best_trainable.items()}, str(staging / "best.safetensors"))
         torch.save(optimizer.state_dict(), staging / "optimizer.pt")
         torch.save(rng_state(), staging / "rng.pt")
-        loop = {k: v for k, v in asdict(state).items() if k != "best_trainable"}
+        # The best weights have their own file; an interruption belongs to this process only.
+        loop = {
+            f.name: getattr(state, f.name) for f in fields(state) if f.name not in ("best_trainable", "interrupted_by")
+        }
         (staging / "state.json").write_text(json.dumps({"loop": loop, **record}, indent=2))
         if save_adapter_to is not None:
             save_adapter_to(staging / "adapter")

@@ -33,6 +33,7 @@ class LoopState:
     best_step: int = -1
     evals_without_improvement: int = 0
     stopped_early: bool = False
+    interrupted_by: str | None = None
     best_trainable: dict[str, torch.Tensor] | None = field(default=None, repr=False)
 
 
@@ -60,6 +61,7 @@ def train_loop(
     progress=None,
     state: LoopState | None = None,
     position: dict | None = None,
+    stop_requested: Callable[[], bool] = lambda: False,
 ) -> LoopState:
     """Train until train.max_steps (or early stopping); `state` and `position` resume a run."""
     state = state or LoopState()
@@ -137,6 +139,9 @@ def train_loop(
             record_validation(state, objective, validate(), train.early_stopping_patience, log_metrics)
         on_step_end(state, stream.position())
         faults.after_step(state.step)
+        if stop_requested() and state.step < train.max_steps and not state.stopped_early:
+            state.interrupted_by = "signal"
+            break
     return state
 
 

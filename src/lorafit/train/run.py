@@ -19,7 +19,7 @@ from rich.console import Console
 from lorafit.adapters.save import save_adapter
 from lorafit.config import RunConfig, config_to_yaml
 from lorafit.data.datasets import load_run_documents, pack_run_documents
-from lorafit.errors import ConfigError, UsageError
+from lorafit.errors import ConfigError, TrainingInterruptedError, UsageError
 from lorafit.evaluate.generate import default_prompt, side_by_side
 from lorafit.evaluate.perplexity import LossResult, evaluate_loss
 from lorafit.io import append_jsonl, write_json_atomic, write_text_atomic
@@ -29,6 +29,7 @@ from lorafit.model.load import load_causal_lm, load_model_config, load_tokenizer
 from lorafit.model.lora import apply_lora, parameter_report
 from lorafit.train.batches import stack_blocks
 from lorafit.train.checkpoint import changed_fingerprints, find_checkpoint, load_checkpoint, save_checkpoint
+from lorafit.train.guards import StopRequests
 from lorafit.train.loop import LoopState, record_validation, restore_trainable, train_loop
 from lorafit.train.objective import CausalLMObjective
 from lorafit.train.precision import autocast_context, resolve_precision, weight_dtype
@@ -211,26 +212,32 @@ def run_training(
         f"[bold]valid ppl before[/] {before.perplexity:.3f}  (loss {before.loss:.4f}, {before.tokens:,} tokens)"
     )
 
+    def write_checkpoint(state: LoopState, position: dict) -> Path | None:
+        if not accelerator.is_main_process:
+            return None
+        return save_checkpoint(
+            out_dir / "checkpoints",
+            accelerator.unwrap_model(objective),
+            optimizer,
+            state,
+            {
+                "position": position,
+                "fingerprints": fingerprints,
+                "before": {"nll_sum": before.nll_sum, "tokens": before.tokens},
+            },
+            save_adapter_to=lambda folder: save_adapter(peft_model, folder, {"step": state.step}),
+            keep=train_cfg.keep_checkpoints,
+        )
+
+    last_position: dict = {}
+
     def on_step_end(state: LoopState, position: dict) -> None:
+        last_position.update(position)
         finished = state.step >= train_cfg.max_steps or state.stopped_early
         if train_cfg.save_every and (state.step % train_cfg.save_every == 0 or finished):
-            if not accelerator.is_main_process:
-                return
-            save_checkpoint(
-                out_dir / "checkpoints",
-                accelerator.unwrap_model(objective),
-                optimizer,
-                state,
-                {
-                    "position": position,
-                    "fingerprints": fingerprints,
-                    "before": {"nll_sum": before.nll_sum, "tokens": before.tokens},
-                },
-                save_adapter_to=lambda folder: save_adapter(peft_model, folder, {"step": state.step}),
-                keep=train_cfg.keep_checkpoints,
-            )
+            write_checkpoint(state, position)
 
-    with training_progress(console) as progress:
+    with StopRequests() as stop_requested, training_progress(console) as progress:
         state = train_loop(
             accelerator,
             objective,
@@ -244,6 +251,15 @@ def run_training(
             progress,
             state=state,
             position=position,
+            stop_requested=stop_requested,
+        )
+    if state.interrupted_by:
+        saved = out_dir / "checkpoints" / f"step-{state.step}"
+        if not (saved / "state.json").is_file():
+            saved = write_checkpoint(state, dict(last_position))
+        raise TrainingInterruptedError(
+            f"Stopped by {stop_requested.signal_name} after step {state.step}; checkpoint {saved}. "
+            f"Continue exactly with: lorafit train CONFIG --out {out_dir} --resume"
         )
 
     # Choose the adapter on the same blocks as the periodic validations, then report on all of them.

@@ -115,6 +115,14 @@ class TrainSection(Section):
         128, ge=16, description="Tokens per chunk of the fused output-layer loss (bounds logits memory)."
     )
     log_every: int = Field(1, ge=1, description="Write a metrics line every N optimizer steps.")
+    max_bad_steps: int = Field(
+        3, ge=1, description="Non-finite steps in a row (each skipped) before rolling back to the last checkpoint."
+    )
+    rollback_lr_factor: float = Field(0.5, gt=0.0, le=1.0, description="Learning-rate factor after each rollback.")
+    max_rollbacks: int = Field(2, ge=0, description="Rollbacks before stopping with a diagnosis.")
+    spike_factor: float = Field(
+        2.5, ge=0.0, description="Warn when a step's loss exceeds this x the running median (0 = off)."
+    )
 
 
 class EvalSection(Section):

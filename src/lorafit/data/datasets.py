@@ -76,6 +76,7 @@ class RunBlocks:
     train: list[np.ndarray]
     valid: list[np.ndarray]
     stats: dict
+    train_lengths: list[int]  # tokens per training document, to trace a block back to its sources
 
 
 def pack_run_documents(documents: RunDocuments, tokenizer, seq_len: int) -> RunBlocks:
@@ -99,4 +100,4 @@ def pack_run_documents(documents: RunDocuments, tokenizer, seq_len: int) -> RunB
         "train_blocks": len(train),
         "valid_blocks": len(valid),
     }
-    return RunBlocks(train=train, valid=valid, stats=stats)
+    return RunBlocks(train=train, valid=valid, stats=stats, train_lengths=[len(ids) for ids in train_ids])

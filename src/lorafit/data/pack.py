@@ -23,3 +23,14 @@ def pack_documents(documents: list[np.ndarray], eos_id: int, seq_len: int, keep_
     if keep_tail and len(tail) > 1:
         blocks.append(tail)
     return blocks
+
+
+def documents_in_blocks(document_lengths: list[int], seq_len: int, blocks: list[int]) -> list[int]:
+    """Indices of the documents whose tokens (EOS included) fall in the given packed blocks."""
+    ends = np.cumsum(np.asarray(document_lengths, dtype=np.int64) + 1)
+    found: set[int] = set()
+    for block in blocks:
+        first = int(np.searchsorted(ends, block * seq_len, side="right"))
+        last = int(np.searchsorted(ends, (block + 1) * seq_len - 1, side="right"))
+        found.update(range(first, min(last, len(ends) - 1) + 1))
+    return sorted(found)

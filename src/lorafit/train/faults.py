@@ -1,10 +1,14 @@
 """Fault injection for drills and tests, through one documented environment variable.
 
-    LORAFIT_FAULT=kill_after_step:N   the training process sends itself SIGKILL right after
-                                      optimizer step N (a real, uncatchable crash at a known point)
+    LORAFIT_FAULT=kill_after_step:N   the process sends itself SIGKILL right after optimizer step N
+                                      (a real, uncatchable crash at a known point)
     LORAFIT_FAULT=term_after_step:N   ... SIGTERM instead (what a scheduler sends before a kill)
+    LORAFIT_FAULT=oom_at_step:N       step N's first attempt raises torch.OutOfMemoryError
+    LORAFIT_FAULT=nan_at_steps:A-B    the loss of steps A..B is NaN the first time each is run
+                                      (a rollback that replays them then succeeds)
+    LORAFIT_FAULT=nan_from_step:N     the loss of every step from N on is NaN (persistent failure)
 
-Unset (the normal case) this costs one dictionary lookup per step.
+Unset (the normal case) each hook costs one dictionary lookup.
 """
 
 from __future__ import annotations
@@ -12,14 +16,44 @@ from __future__ import annotations
 import os
 import signal
 
+import torch
+
 ENV = "LORAFIT_FAULT"
+_fired: set[tuple[str, int]] = set()
+
+
+def _fault() -> tuple[str, str]:
+    kind, _, value = os.environ.get(ENV, "").partition(":")
+    return kind, value
+
+
+def _once(kind: str, step: int) -> bool:
+    if (kind, step) in _fired:
+        return False
+    _fired.add((kind, step))
+    return True
 
 
 def after_step(step: int) -> None:
-    fault = os.environ.get(ENV)
-    if not fault:
-        return
-    kind, _, value = fault.partition(":")
+    kind, value = _fault()
     signals = {"kill_after_step": signal.SIGKILL, "term_after_step": signal.SIGTERM}
     if kind in signals and value.isdigit() and step == int(value):
         os.kill(os.getpid(), signals[kind])
+
+
+def before_backward(step: int) -> None:
+    kind, value = _fault()
+    if kind == "oom_at_step" and value.isdigit() and step == int(value) and _once(kind, step):
+        raise torch.OutOfMemoryError(f"injected by {ENV}={kind}:{value}")
+
+
+def loss_factor(step: int) -> float:
+    """1.0, or NaN where a NaN drill applies to this step."""
+    kind, value = _fault()
+    if kind == "nan_from_step" and value.isdigit() and step >= int(value):
+        return float("nan")
+    if kind == "nan_at_steps":
+        first, _, last = value.partition("-")
+        if first.isdigit() and int(first) <= step <= int(last or first) and _once(kind, step):
+            return float("nan")
+    return 1.0

@@ -7,20 +7,25 @@ batch k times larger, whatever the padding or masking (pitfall 1).
 
 from __future__ import annotations
 
+import logging
 import math
+import statistics
 import time
 from collections.abc import Callable
 from contextlib import nullcontext
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 
 from lorafit.config import TrainSection
+from lorafit.errors import LorafitError
 from lorafit.evaluate.perplexity import LossResult
 from lorafit.train import faults
 from lorafit.train.batches import BlockStream
 from lorafit.train.loss import target_count
 from lorafit.train.schedule import learning_rate, warmup_steps_for
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -34,6 +39,11 @@ class LoopState:
     evals_without_improvement: int = 0
     stopped_early: bool = False
     interrupted_by: str | None = None
+    lr_scale: float = 1.0  # lowered after each rollback from non-finite losses
+    bad_in_row: int = 0
+    micro_batch_size: int = 0  # 0 = train.micro_batch_size; halved after an out-of-memory error
+    grad_accum: int = 0
+    recent_losses: list[float] = field(default_factory=list)
     best_trainable: dict[str, torch.Tensor] | None = field(default=None, repr=False)
 
 
@@ -65,10 +75,12 @@ def train_loop(
 ) -> LoopState:
     """Train until train.max_steps (or early stopping); `state` and `position` resume a run."""
     state = state or LoopState()
+    state.micro_batch_size = state.micro_batch_size or train.micro_batch_size
+    state.grad_accum = state.grad_accum or train.grad_accum
     position = position or {"epoch": 0, "index": 0}
     stream = BlockStream(
         num_blocks=blocks.shape[0],
-        batch_size=train.micro_batch_size,
+        batch_size=state.micro_batch_size,
         seed=train.seed,
         epoch=position["epoch"],
         index=position["index"],
@@ -86,36 +98,58 @@ def train_loop(
 
     while state.step < train.max_steps and not state.stopped_early:
         started = time.perf_counter()
-        lr = learning_rate(state.step, train.max_steps, train.lr, warmup, train.min_lr_ratio)
+        lr = learning_rate(state.step, train.max_steps, train.lr, warmup, train.min_lr_ratio) * state.lr_scale
         for group in optimizer.param_groups:
             group["lr"] = lr * group.get("lr_scale", 1.0)
 
-        micro_batches = [blocks[stream.next_indices()].to(accelerator.device) for _ in range(train.grad_accum)]
-        targets = torch.tensor(sum(target_count(b) for b in micro_batches), device=accelerator.device)
-        global_targets = accelerator.reduce(targets, reduction="sum") if accelerator.num_processes > 1 else targets
-        # DDP averages gradients over ranks; multiplying by world size turns that into a sum.
-        scale = accelerator.num_processes / global_targets.clamp(min=1).float()
+        step_start = stream.position()
+        while True:
+            try:
+                loss_sum, targets, step_blocks = accumulate_gradients(
+                    accelerator, objective, blocks, stream, state, autocast
+                )
+                break
+            except OUT_OF_MEMORY:
+                optimizer.zero_grad(set_to_none=True)
+                if state.micro_batch_size == 1:
+                    raise LorafitError(
+                        f"Out of memory at step {state.step + 1} even with one block per micro-batch; lower "
+                        "train.seq_len or set train.gradient_checkpointing: true."
+                    ) from None
+                # Same blocks per step, in smaller pieces: the gradient is unchanged (token-normalised).
+                blocks_per_step = state.micro_batch_size * state.grad_accum
+                state.micro_batch_size //= 2
+                state.grad_accum = math.ceil(blocks_per_step / state.micro_batch_size)
+                stream = replace(stream, batch_size=state.micro_batch_size, **step_start)
+                log.warning(
+                    "out of memory: continuing with micro-batch %d x %d accumulation steps",
+                    state.micro_batch_size,
+                    state.grad_accum,
+                )
+                log_metrics(
+                    {
+                        "step": state.step + 1,
+                        "event": "out_of_memory",
+                        "micro_batch_size": state.micro_batch_size,
+                        "grad_accum": state.grad_accum,
+                    }
+                )
 
-        loss_sum = 0.0
-        for index, batch in enumerate(micro_batches):
-            last = index == len(micro_batches) - 1
-            sync = nullcontext() if last else accelerator.no_sync(objective)
-            with sync, autocast():
-                micro_loss = objective(batch, batch)
-            accelerator.backward(micro_loss * scale)
-            loss_sum += float(micro_loss.detach())
-
-        grad_norm = accelerator.clip_grad_norm_(params, train.max_grad_norm or math.inf)
-        grad_norm = float(grad_norm)
-        loss = loss_sum / max(int(targets), 1)
+        grad_norm = float(accelerator.clip_grad_norm_(params, train.max_grad_norm or math.inf))
+        loss = loss_sum / max(targets, 1)
         if math.isfinite(grad_norm) and math.isfinite(loss):
             optimizer.step()
+            state.bad_in_row = 0
+            warn_on_spike(state, loss, train.spike_factor, log_metrics)
         else:
             state.skipped_steps += 1
+            state.bad_in_row += 1
         optimizer.zero_grad(set_to_none=True)
+        if state.bad_in_row >= train.max_bad_steps:
+            raise UnstableTrainingError(step=state.step + 1, blocks=step_blocks)
 
         elapsed = time.perf_counter() - started
-        step_tokens = sum(b.numel() for b in micro_batches) * accelerator.num_processes
+        step_tokens = len(step_blocks) * blocks.shape[1] * accelerator.num_processes
         state.step += 1
         state.tokens_seen += step_tokens
         state.train_seconds += elapsed
@@ -124,7 +158,7 @@ def train_loop(
             log_metrics(
                 {
                     "step": state.step,
-                    "loss": round(loss, 6),
+                    "loss": round(loss, 6) if math.isfinite(loss) else None,
                     "lr": lr,
                     "grad_norm": round(grad_norm, 6),
                     "tokens_per_second": round(tokens_per_second, 1),
@@ -143,6 +177,56 @@ def train_loop(
             state.interrupted_by = "signal"
             break
     return state
+
+
+# CUDA's OOM error, and host RAM exhaustion where Python gets to see it.
+OUT_OF_MEMORY = (torch.OutOfMemoryError, MemoryError)
+SPIKE_WINDOW = 50
+
+
+class UnstableTrainingError(Exception):
+    """Too many non-finite steps in a row; the caller rolls back or stops with a diagnosis."""
+
+    def __init__(self, step: int, blocks: list[int]):
+        super().__init__(f"non-finite loss or gradients up to step {step}")
+        self.step = step
+        self.blocks = blocks
+
+
+def accumulate_gradients(
+    accelerator, objective, blocks: torch.Tensor, stream: BlockStream, state: LoopState, autocast: Callable
+) -> tuple[float, int, list[int]]:
+    """Forward/backward over one optimizer step's micro-batches; returns (loss sum, targets, block ids)."""
+    indices = [stream.next_indices() for _ in range(state.grad_accum)]
+    micro_batches = [blocks[i].to(accelerator.device) for i in indices]
+    faults.before_backward(state.step + 1)
+    targets = torch.tensor(sum(target_count(b) for b in micro_batches), device=accelerator.device)
+    global_targets = accelerator.reduce(targets, reduction="sum") if accelerator.num_processes > 1 else targets
+    # DDP averages gradients over ranks; multiplying by world size turns that into a sum.
+    scale = accelerator.num_processes / global_targets.clamp(min=1).float()
+    loss_sum = 0.0
+    for index, batch in enumerate(micro_batches):
+        last = index == len(micro_batches) - 1
+        sync = nullcontext() if last else accelerator.no_sync(objective)
+        with sync, autocast():
+            micro_loss = objective(batch, batch) * faults.loss_factor(state.step + 1)
+        accelerator.backward(micro_loss * scale)
+        loss_sum += float(micro_loss.detach())
+    return loss_sum, int(targets), [int(i) for batch in indices for i in batch]
+
+
+def warn_on_spike(state: LoopState, loss: float, factor: float, log_metrics: Callable[[dict], None]) -> None:
+    """Log a warning when the loss jumps above `factor` x the running median of recent steps."""
+    history = state.recent_losses
+    if factor and len(history) >= 10:
+        median = statistics.median(history)
+        if loss > factor * median:
+            log.warning("loss spike at step %d: %.4f > %.1f x median %.4f", state.step + 1, loss, factor, median)
+            log_metrics(
+                {"step": state.step + 1, "event": "loss_spike", "loss": round(loss, 6), "median": round(median, 6)}
+            )
+    history.append(loss)
+    del history[:-SPIKE_WINDOW]
 
 
 def record_validation(

@@ -19,7 +19,8 @@ from rich.console import Console
 from lorafit.adapters.save import save_adapter
 from lorafit.config import RunConfig, config_to_yaml
 from lorafit.data.datasets import load_run_documents, pack_run_documents
-from lorafit.errors import ConfigError, TrainingInterruptedError, UsageError
+from lorafit.data.pack import documents_in_blocks
+from lorafit.errors import ConfigError, LorafitError, TrainingInterruptedError, UsageError
 from lorafit.evaluate.generate import default_prompt, side_by_side
 from lorafit.evaluate.perplexity import LossResult, evaluate_loss
 from lorafit.io import append_jsonl, write_json_atomic, write_text_atomic
@@ -28,9 +29,15 @@ from lorafit.model.dropout import use_int16_mask_dropout
 from lorafit.model.load import load_causal_lm, load_model_config, load_tokenizer, resolve_base, weights_fingerprint
 from lorafit.model.lora import apply_lora, parameter_report
 from lorafit.train.batches import stack_blocks
-from lorafit.train.checkpoint import changed_fingerprints, find_checkpoint, load_checkpoint, save_checkpoint
+from lorafit.train.checkpoint import (
+    changed_fingerprints,
+    find_checkpoint,
+    list_checkpoints,
+    load_checkpoint,
+    save_checkpoint,
+)
 from lorafit.train.guards import StopRequests
-from lorafit.train.loop import LoopState, record_validation, restore_trainable, train_loop
+from lorafit.train.loop import LoopState, UnstableTrainingError, record_validation, restore_trainable, train_loop
 from lorafit.train.objective import CausalLMObjective
 from lorafit.train.precision import autocast_context, resolve_precision, weight_dtype
 from lorafit.train.progress import training_progress
@@ -234,25 +241,54 @@ def run_training(
     def on_step_end(state: LoopState, position: dict) -> None:
         last_position.update(position)
         finished = state.step >= train_cfg.max_steps or state.stopped_early
-        if train_cfg.save_every and (state.step % train_cfg.save_every == 0 or finished):
+        # Never checkpoint in the middle of non-finite steps: a rollback must land on a good state.
+        if train_cfg.save_every and (state.step % train_cfg.save_every == 0 or finished) and not state.bad_in_row:
             write_checkpoint(state, position)
 
+    def batch_sources(block_ids: list[int]) -> str:
+        docs = documents_in_blocks(blocks.train_lengths, train_cfg.seq_len, block_ids)
+        return ", ".join(documents.train[i].source for i in docs[:5]) + (" ..." if len(docs) > 5 else "")
+
+    rollbacks = 0
     with StopRequests() as stop_requested, training_progress(console) as progress:
-        state = train_loop(
-            accelerator,
-            objective,
-            optimizer,
-            stack_blocks(train_blocks),
-            train_cfg,
-            autocast,
-            validate,
-            log_metrics,
-            on_step_end,
-            progress,
-            state=state,
-            position=position,
-            stop_requested=stop_requested,
-        )
+        while True:
+            try:
+                state = train_loop(
+                    accelerator,
+                    objective,
+                    optimizer,
+                    stack_blocks(train_blocks),
+                    train_cfg,
+                    autocast,
+                    validate,
+                    log_metrics,
+                    on_step_end,
+                    progress,
+                    state=state,
+                    position=position,
+                    stop_requested=stop_requested,
+                )
+                break
+            except UnstableTrainingError as unstable:
+                found = list_checkpoints(out_dir / "checkpoints")
+                if not found or rollbacks >= train_cfg.max_rollbacks:
+                    raise LorafitError(
+                        f"Training is unstable: {train_cfg.max_bad_steps} steps in a row up to step {unstable.step} "
+                        f"had a non-finite loss or gradient (last batch from: {batch_sources(unstable.blocks)}); "
+                        f"last good checkpoint: {found[-1] if found else 'none (set train.save_every)'}; "
+                        f"{rollbacks} rollback(s) tried. Lower train.lr, check those documents, or use "
+                        "train.precision: fp32."
+                    ) from None
+                rollbacks += 1
+                state, record = load_checkpoint(found[-1], accelerator.unwrap_model(objective), optimizer)
+                position = record["position"]
+                state.lr_scale *= train_cfg.rollback_lr_factor
+                keep_metrics_up_to(metrics_path, state.step)
+                log_metrics({"step": state.step, "event": "rollback", "lr_scale": state.lr_scale})
+                console.print(
+                    f"[yellow]non-finite loss up to step {unstable.step}: rolled back to {found[-1]}, "
+                    f"learning rate x{state.lr_scale:g}[/]"
+                )
     if state.interrupted_by:
         saved = out_dir / "checkpoints" / f"step-{state.step}"
         if not (saved / "state.json").is_file():
@@ -282,6 +318,9 @@ def run_training(
         "stopped_early": state.stopped_early,
         "best_step": state.best_step,
         "skipped_steps": state.skipped_steps,
+        "rollbacks": rollbacks,
+        "micro_batch_size": state.micro_batch_size,
+        "grad_accum": state.grad_accum,
         "valid_loss_before": before.loss,
         "valid_loss_after": after.loss,
         "valid_ppl_before": before.perplexity,

@@ -19,11 +19,11 @@ class ConfigError(UsageError):
     """A configuration field that is unknown, ill-typed or out of range."""
 
 
-class DataError(LorafitError):
+class DataError(UsageError):
     """Input data that cannot be used at all (for example: no documents left)."""
 
 
-class ModelError(LorafitError):
+class ModelError(UsageError):
     """A base model that cannot be found or loaded."""
 
 

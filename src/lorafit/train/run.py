@@ -131,8 +131,6 @@ def run_training(
     train_cfg = config.train
 
     prepare_out_dir(out_dir, overwrite, resuming=resume is not None)
-    if resume is None:
-        write_text_atomic(out_dir / "config.yaml", config_to_yaml(config))
     metrics_path = out_dir / "metrics.jsonl"
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -212,6 +210,9 @@ def run_training(
         keep_metrics_up_to(metrics_path, state.step)
         console.print(f"resuming from {checkpoint} (step {state.step})")
     else:
+        # Written once every input has been checked: a run that failed on bad input leaves no
+        # config.yaml behind, so retrying into the same --out is not refused as "already a run".
+        write_text_atomic(out_dir / "config.yaml", config_to_yaml(config))
         console.print("measuring validation perplexity of the base model...")
         before = validate(valid_blocks)
         log_metrics({"step": 0, "valid_loss": round(before.loss, 6), "valid_ppl": round(before.perplexity, 4)})

@@ -66,7 +66,7 @@ def test_sigkill_then_resume_equals_an_uninterrupted_run(tmp_path, resumable_con
 def test_resume_from_a_named_checkpoint_and_refusal_of_changed_inputs(tmp_path, resumable_config):
     run = tmp_path / "run"
     assert lorafit("train", str(resumable_config), "--out", str(run), fault="kill_after_step:4").returncode < 0
-    changed = lorafit(
+    resume_step_3 = [
         "train",
         str(resumable_config),
         "--out",
@@ -75,21 +75,12 @@ def test_resume_from_a_named_checkpoint_and_refusal_of_changed_inputs(tmp_path, 
         str(run / "checkpoints" / "step-3"),
         "--set",
         "train.lr=0.5",
-    )
+    ]
+    changed = lorafit(*resume_step_3)
     assert changed.returncode == 2
     assert "train.lr: 0.005 -> 0.5" in " ".join(changed.stdout.split()) and "--ignore-changes" in changed.stdout
     assert "Traceback" not in changed.stdout + changed.stderr
-    forced = lorafit(
-        "train",
-        str(resumable_config),
-        "--out",
-        str(run),
-        "--resume",
-        str(run / "checkpoints" / "step-3"),
-        "--set",
-        "train.lr=0.5",
-        "--ignore-changes",
-    )
+    forced = lorafit(*resume_step_3, "--ignore-changes")
     assert forced.returncode == 0, forced.stdout + forced.stderr
     assert [r["step"] for r in metrics(run) if "loss" in r] == list(range(1, 11))
 

@@ -160,7 +160,7 @@ def train_loop(
                     "step": state.step,
                     "loss": round(loss, 6) if math.isfinite(loss) else None,
                     "lr": lr,
-                    "grad_norm": round(grad_norm, 6),
+                    "grad_norm": round(grad_norm, 6) if math.isfinite(grad_norm) else None,
                     "tokens_per_second": round(tokens_per_second, 1),
                     "tokens": state.tokens_seen,
                     "epoch": stream.epoch,

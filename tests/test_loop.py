@@ -35,3 +35,15 @@ def test_early_stopping_keeps_best_weights():
     assert state.best_step == 2 and state.stopped_early
     assert torch.all(state.best_trainable["weight"] == 2)
     assert logged[1] == {"step": 2, "valid_loss": 1.0, "valid_ppl": round(math.exp(1.0), 4)}
+
+
+def test_loss_spike_is_logged_against_the_running_median():
+    from lorafit.train.loop import warn_on_spike
+
+    state, logged = LoopState(), []
+    for step, loss in enumerate([2.0, 2.1, 1.9, 2.0, 2.2, 1.8, 2.0, 2.1, 1.9, 2.0, 5.5, 2.0]):
+        state.step = step
+        warn_on_spike(state, loss, factor=2.5, log_metrics=logged.append)
+    assert logged == [{"step": 11, "event": "loss_spike", "loss": 5.5, "median": 2.0}]
+    warn_on_spike(state, 50.0, factor=0.0, log_metrics=logged.append)  # 0 turns it off
+    assert len(logged) == 1

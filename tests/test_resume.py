@@ -102,3 +102,14 @@ def test_sigterm_finishes_the_step_checkpoints_and_says_how_to_resume(tmp_path, 
     resumed = lorafit("train", str(resumable_config), "--out", str(stopped), "--resume")
     assert resumed.returncode == 0, resumed.stdout + resumed.stderr
     assert without_speed(metrics(stopped)) == without_speed(metrics(whole))
+
+
+def test_resume_into_a_different_lora_shape_is_a_clear_error(tmp_path, resumable_config):
+    run = tmp_path / "run"
+    assert lorafit("train", str(resumable_config), "--out", str(run), fault="kill_after_step:4").returncode < 0
+    reshaped = lorafit(
+        "train", str(resumable_config), "--out", str(run), "--resume", "--set", "lora.r=8", "--ignore-changes"
+    )
+    assert reshaped.returncode == 2
+    assert "do not fit this model/LoRA set-up" in " ".join(reshaped.stdout.split())
+    assert "Traceback" not in reshaped.stdout + reshaped.stderr

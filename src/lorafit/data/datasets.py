@@ -10,8 +10,8 @@ import numpy as np
 from lorafit.config import DataSection
 from lorafit.data.documents import Document, Problems
 from lorafit.data.pack import pack_documents
-from lorafit.data.prepare import PrepareOptions, prepare_documents, write_prepared
-from lorafit.data.readers import find_files, read_documents
+from lorafit.data.prepare import PrepareOptions, load_prepared_jsonl, prepare_documents, write_prepared
+from lorafit.data.readers import find_files
 from lorafit.data.split import split_documents
 from lorafit.data.tokenize import tokenize_cached
 from lorafit.errors import DataError
@@ -47,7 +47,7 @@ def load_run_documents(data: DataSection, prepared_dir: Path) -> RunDocuments:
     valid_ratio = 0.0 if data.valid else data.valid_ratio
     stats: dict = {}
     if _is_prepared(train_files):
-        train = [d for d in read_documents(train_files, data.text_field, problems) if d.text.strip()]
+        train, _ = load_prepared_jsonl(train_files, data.text_field, problems)
         valid: list[Document] = []
         if not data.valid:
             train, valid = split_documents(train, valid_ratio)
@@ -59,7 +59,7 @@ def load_run_documents(data: DataSection, prepared_dir: Path) -> RunDocuments:
     if data.valid:
         valid_files = find_files(data.valid)
         if _is_prepared(valid_files):
-            valid = [d for d in read_documents(valid_files, data.text_field, problems) if d.text.strip()]
+            valid, _ = load_prepared_jsonl(valid_files, data.text_field, problems)
         else:
             valid = prepare_documents(valid_files, _options(data, 0.0)).train
     if not train:
@@ -85,7 +85,8 @@ def pack_run_documents(documents: RunDocuments, tokenizer, seq_len: int) -> RunB
     valid_ids = tokenize_cached([d.text for d in documents.valid], tokenizer)
     train = pack_documents(train_ids, tokenizer.eos_token_id, seq_len)
     valid = pack_documents(valid_ids, tokenizer.eos_token_id, seq_len, keep_tail=True)
-    train_tokens = int(sum(len(ids) for ids in train_ids))
+    train_lengths = [len(ids) for ids in train_ids]
+    train_tokens = sum(train_lengths)
     if not train:
         raise DataError(
             f"The training data has fewer tokens ({train_tokens}) than one block of "
@@ -100,4 +101,4 @@ def pack_run_documents(documents: RunDocuments, tokenizer, seq_len: int) -> RunB
         "train_blocks": len(train),
         "valid_blocks": len(valid),
     }
-    return RunBlocks(train=train, valid=valid, stats=stats, train_lengths=[len(ids) for ids in train_ids])
+    return RunBlocks(train=train, valid=valid, stats=stats, train_lengths=train_lengths)

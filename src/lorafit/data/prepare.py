@@ -96,8 +96,10 @@ def write_prepared(prepared: Prepared, out_dir: Path) -> dict[str, Path]:
     return paths
 
 
-def load_prepared_jsonl(paths: Iterable[str | Path], text_field: str = "text") -> tuple[list[Document], Problems]:
-    """Documents from already-prepared JSONL files (bad lines reported, not fatal)."""
-    problems = Problems()
+def load_prepared_jsonl(
+    paths: Iterable[str | Path], text_field: str = "text", problems: Problems | None = None
+) -> tuple[list[Document], Problems]:
+    """Documents from already-prepared JSONL files (bad lines reported into `problems`, not fatal)."""
+    problems = problems if problems is not None else Problems()
     documents = [d for d in read_documents(paths, text_field, problems) if d.text.strip()]
     return documents, problems

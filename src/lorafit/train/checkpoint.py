@@ -27,7 +27,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from lorafit.errors import UsageError
-from lorafit.train.loop import LoopState
+from lorafit.train.loop import LoopState, restore_trainable, trainable_state
 
 _STEP_DIR = re.compile(r"^step-(\d+)$")
 
@@ -54,10 +54,6 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def _trainable(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    return {name: p.detach().contiguous() for name, p in model.named_parameters() if p.requires_grad}
-
-
 def save_checkpoint(
     root: Path,
     model: torch.nn.Module,
@@ -73,7 +69,7 @@ def save_checkpoint(
     target = root / f"step-{state.step}"
     staging = Path(tempfile.mkdtemp(prefix=f".step-{state.step}-", dir=root))
     try:
-        save_file(_trainable(model), str(staging / "trainable.safetensors"))
+        save_file(trainable_state(model), str(staging / "trainable.safetensors"))
         if state.best_trainable is not None:
             save_file({k: v.contiguous() for k, v in state.best_trainable.items()}, str(staging / "best.safetensors"))
         torch.save(optimizer.state_dict(), staging / "optimizer.pt")
@@ -137,12 +133,13 @@ def load_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch.optim.O
     record = json.loads((path / "state.json").read_text())
     weights = load_file(str(path / "trainable.safetensors"))
     params = dict(model.named_parameters())
-    missing = [name for name in weights if name not in params]
-    if missing:
-        raise UsageError(f"{path}: checkpoint weights {missing[:3]} do not belong to this model/LoRA set-up.")
-    with torch.no_grad():
-        for name, tensor in weights.items():
-            params[name].copy_(tensor)
+    foreign = [name for name, t in weights.items() if name not in params or params[name].shape != t.shape]
+    if foreign:
+        raise UsageError(
+            f"{path}: checkpoint weights {foreign[:3]} do not fit this model/LoRA set-up (was lora.r or "
+            "lora.target_modules changed?); resume with the configuration that wrote it."
+        )
+    restore_trainable(model, weights)
     optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=False))
     set_rng_state(torch.load(path / "rng.pt", weights_only=False))
     known = {f.name for f in fields(LoopState)}

@@ -250,6 +250,7 @@ def run_training(
         docs = documents_in_blocks(blocks.train_lengths, train_cfg.seq_len, block_ids)
         return ", ".join(documents.train[i].source for i in docs[:5]) + (" ..." if len(docs) > 5 else "")
 
+    train_tensor = stack_blocks(train_blocks)
     rollbacks = 0
     with StopRequests() as stop_requested, training_progress(console) as progress:
         while True:
@@ -258,7 +259,7 @@ def run_training(
                     accelerator,
                     objective,
                     optimizer,
-                    stack_blocks(train_blocks),
+                    train_tensor,
                     train_cfg,
                     autocast,
                     validate,

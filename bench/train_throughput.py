@@ -43,14 +43,13 @@ def blocks_in_lorafit_order(data: Path, steps: int):
     from lorafit.data.prepare import load_prepared_jsonl
     from lorafit.data.tokenize import tokenize_cached
     from lorafit.model.load import load_tokenizer, resolve_base
-    from lorafit.train.batches import BlockStream, stack_blocks
+    from lorafit.train.batches import BlockStream
 
     tokenizer = load_tokenizer(resolve_base(""))
     documents, _ = load_prepared_jsonl([data])
-    blocks = stack_blocks(
-        pack_documents(tokenize_cached([d.text for d in documents], tokenizer), tokenizer.eos_token_id, SEQ_LEN)
-    )
-    stream = BlockStream(num_blocks=blocks.shape[0], batch_size=BATCH, seed=0)
+    packed = pack_documents(tokenize_cached([d.text for d in documents], tokenizer), tokenizer.eos_token_id, SEQ_LEN)
+    blocks = torch.as_tensor(packed.input_ids)
+    stream = BlockStream(num_blocks=len(packed), batch_size=BATCH, seed=0)
     return torch.cat([blocks[stream.next_indices()] for _ in range(steps)])
 
 

@@ -7,19 +7,24 @@ from lorafit.data.tokenize import tokenize_cached, tokenize_texts
 def test_pack_puts_eos_after_every_document_and_cuts_exact_blocks():
     docs = [np.array([1, 2, 3]), np.array([4, 5]), np.array([6, 7, 8, 9])]
     blocks = pack_documents(docs, eos_id=0, seq_len=4)
-    assert [b.tolist() for b in blocks] == [[1, 2, 3, 0], [4, 5, 0, 6], [7, 8, 9, 0]]
+    assert blocks.input_ids.tolist() == [[1, 2, 3, 0], [4, 5, 0, 6], [7, 8, 9, 0]]
+    assert blocks.labels is None and blocks.position_ids is None  # every token trained, one stream
+    assert blocks.members == [[0], [1, 2], [2]]
     blocks = pack_documents(docs + [np.array([10])], eos_id=0, seq_len=4)
     assert len(blocks) == 3  # the tail [10, 0] is dropped for training...
     with_tail = pack_documents(docs + [np.array([10])], eos_id=0, seq_len=4, keep_tail=True)
-    assert with_tail[-1].tolist() == [10, 0]  # ...and kept for validation
+    # ...and kept for validation, padded with untrained EOS: [10, 0] has one target (the EOS).
+    assert with_tail.input_ids[-1].tolist() == [10, 0, 0, 0]
+    assert with_tail.labels[-1].tolist() == [10, 0, -100, -100]
+    assert with_tail.target_tokens() == 3 * 3 + 1
 
 
 def test_pack_boundaries_lose_no_token():
     rng = np.random.default_rng(0)
     docs = [rng.integers(1, 100, size=int(n)) for n in rng.integers(1, 50, size=40)]
     blocks = pack_documents(docs, eos_id=0, seq_len=16, keep_tail=True)
-    stream = np.concatenate(blocks)
-    assert all(len(b) == 16 for b in blocks[:-1])
+    labels = blocks.full_labels().reshape(-1)
+    stream = labels[labels != -100]
     assert (stream == 0).sum() == len(docs)
     assert stream.tolist() == [t for d in docs for t in [*d.tolist(), 0]]
 

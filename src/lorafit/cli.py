@@ -171,16 +171,30 @@ def print_run_summary(summary: dict, out_dir: Path) -> None:
         f"{summary['tokens_per_second']:.0f} tok/s  |  peak RSS {summary.get('peak_rss_mb', 0):.0f} MB  |  "
         f"wall {summary.get('wall_seconds', 0):.0f} s"
     )
-    for row in summary.get("generations", []):
-        side = Table(title="generation (greedy)", show_header=True, show_lines=True)
+    if summary.get("tasks"):
+        console.print(task_metrics_table(summary["tasks"]))
+    if summary.get("generations"):
+        side = Table(title="generations (greedy)", show_header=True, show_lines=True)
         side.add_column("prompt", ratio=1)
         side.add_column("base", ratio=1)
         side.add_column("adapter", ratio=1)
-        side.add_row(row["prompt"], row["base"], row["adapter"])
+        for row in summary["generations"]:
+            side.add_row(row["prompt"], row["base"], row["adapter"])
         console.print(side)
     console.print(
         f"adapter: {out_dir / 'adapter'}   summary: {out_dir / 'summary.json'}   metrics: {out_dir / 'metrics.jsonl'}"
     )
+
+
+def task_metrics_table(metrics: dict) -> Table:
+    table = Table(title="task metrics", show_header=True)
+    table.add_column("metric")
+    table.add_column("base", justify="right")
+    table.add_column("adapter", justify="right")
+    for name in ("exact_match", "token_f1", "rouge_l", "bleu", "mc_accuracy"):
+        if name in metrics["base"]:
+            table.add_row(name, f"{metrics['base'][name]:.4f}", f"{metrics['adapter'][name]:.4f}")
+    return table
 
 
 def bare_resume_means_latest(argv: list[str]) -> list[str]:

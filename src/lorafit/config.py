@@ -15,6 +15,22 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from lorafit.errors import ConfigError
 
+# Record fields whose names `data.fields` may change (the defaults are the names themselves).
+RECORD_FIELDS = (
+    "instruction",
+    "input",
+    "output",
+    "system",
+    "messages",
+    "conversations",
+    "role",
+    "content",
+    "from",
+    "value",
+    "choices",
+    "answer",
+)
+
 
 class Section(BaseModel):
     """Base for config sections: unknown keys are errors, assignments are validated."""
@@ -51,6 +67,30 @@ class DataSection(Section):
         description="JSONL evaluation sets: training documents sharing a long n-gram with them are dropped.",
     )
     exclude_ngram: int = Field(13, ge=4, description="n-gram length (in words) for decontamination.")
+    format: Literal["auto", "text", "alpaca", "chat", "sharegpt"] = Field(
+        "auto",
+        description="JSONL/JSON record format: 'auto' detects it per file (messages -> chat, conversations -> "
+        "sharegpt, instruction+output -> alpaca, else text); raw documents are always text.",
+    )
+    fields: dict[str, str] = Field(
+        default_factory=dict,
+        description="Renamed record fields, e.g. {output: response}; keys: " + ", ".join(RECORD_FIELDS) + ".",
+    )
+    chat_template: str = Field(
+        "auto",
+        description="Prompt rendering for instruction data: 'auto' (the tokenizer's template, else lorafit's "
+        "default), 'model' (the tokenizer's; an error if it has none), 'default', a .jinja file, or a Jinja string.",
+    )
+    train_turns: Literal["all", "last"] = Field(
+        "all", description="Assistant turns trained in multi-turn chats: every one, or only the last."
+    )
+    instruct_share: float = Field(
+        0.0,
+        ge=0.0,
+        lt=1.0,
+        description="With both text and instruction data: share of training blocks drawn from instructions "
+        "(0 = their natural share).",
+    )
 
     @field_validator("train", "valid", "exclude", mode="before")
     @classmethod
@@ -58,6 +98,18 @@ class DataSection(Section):
         if value is None or value == "":
             return []
         return [value] if isinstance(value, (str, Path)) else value
+
+    @field_validator("fields")
+    @classmethod
+    def _known_fields(cls, value: dict[str, str]) -> dict[str, str]:
+        for key in value:
+            if key not in RECORD_FIELDS:
+                hint = difflib.get_close_matches(key, RECORD_FIELDS, n=1)
+                raise ValueError(
+                    f"unknown record field '{key}'"
+                    + (f"; did you mean '{hint[0]}'?" if hint else f"; use one of {', '.join(RECORD_FIELDS)}")
+                )
+        return value
 
 
 class LoraSection(Section):
@@ -131,10 +183,20 @@ class EvalSection(Section):
         description="Prompts for the side-by-side generations; empty = the opening of a validation document.",
     )
     max_new_tokens: int = Field(48, ge=1, description="Tokens generated per prompt (greedy).")
+    tasks: list[str] = Field(
+        default_factory=list,
+        description="Instruction/QA test files (alpaca, chat or ShareGPT JSONL) scored after training, base vs "
+        "adapter: exact match, token F1, ROUGE-L, BLEU, and multiple-choice accuracy for records with choices.",
+    )
+    task_max_new_tokens: int = Field(128, ge=1, description="Tokens generated per task answer (greedy).")
+    task_max_examples: int = Field(0, ge=0, description="Score only the first N task records (0 = all).")
+    batch_size: int = Field(16, ge=1, description="Prompts generated together in task evaluation.")
 
-    @field_validator("prompts", mode="before")
+    @field_validator("prompts", "tasks", mode="before")
     @classmethod
     def _one_or_many(cls, value: Any) -> Any:
+        if value is None or value == "":
+            return []
         return [value] if isinstance(value, str) else value
 
 
@@ -260,7 +322,11 @@ def resolve_data_paths(config: RunConfig, base_dir: Path) -> RunConfig:
             "exclude": resolve(config.data.exclude),
         }
     )
-    return config.model_copy(update={"data": data})
+    template = config.data.chat_template
+    if template.endswith(".jinja") and not Path(template).expanduser().is_absolute():
+        data = data.model_copy(update={"chat_template": resolve([template])[0]})
+    evaluation = config.eval.model_copy(update={"tasks": resolve(config.eval.tasks)})
+    return config.model_copy(update={"data": data, "eval": evaluation})
 
 
 def load_config(path: str | Path, overrides: list[str] | None = None) -> RunConfig:

@@ -1,4 +1,5 @@
-"""The documents of a training run: prepared JSONL used as is, raw documents prepared on the fly."""
+"""The data of a training run: text documents (prepared on the fly when raw) and instruction
+conversations, loaded by format and packed into training and validation blocks."""
 
 from __future__ import annotations
 
@@ -8,10 +9,16 @@ from pathlib import Path
 import numpy as np
 
 from lorafit.config import DataSection
+from lorafit.data.chat_template import ChatTemplate
+from lorafit.data.clean import exact_key
+from lorafit.data.decontaminate import excluded_ngrams, is_contaminated
 from lorafit.data.documents import Document, Problems
-from lorafit.data.pack import pack_documents
+from lorafit.data.examples import build_examples
+from lorafit.data.formats import Conversation, detect_file_format, field_names, read_conversations
+from lorafit.data.pack import PackedBlocks, concatenate_blocks, pack_documents, pack_examples
 from lorafit.data.prepare import PrepareOptions, load_prepared_jsonl, prepare_documents, write_prepared
 from lorafit.data.readers import find_files
+from lorafit.data.records import RECORD_SUFFIXES
 from lorafit.data.split import split_documents
 from lorafit.data.tokenize import tokenize_cached
 from lorafit.errors import DataError
@@ -21,8 +28,15 @@ from lorafit.errors import DataError
 class RunDocuments:
     train: list[Document]
     valid: list[Document]
+    train_conversations: list[Conversation] = field(default_factory=list)
+    valid_conversations: list[Conversation] = field(default_factory=list)
     stats: dict = field(default_factory=dict)
     problems: Problems = field(default_factory=Problems)
+    formats: dict[str, str] = field(default_factory=dict)  # file -> detected or configured format
+
+    @property
+    def instruction(self) -> bool:
+        return bool(self.train_conversations)
 
 
 def _options(data: DataSection, valid_ratio: float) -> PrepareOptions:
@@ -36,69 +50,216 @@ def _options(data: DataSection, valid_ratio: float) -> PrepareOptions:
     )
 
 
-def _is_prepared(paths: list[Path]) -> bool:
-    return all(path.suffix.lower() == ".jsonl" for path in paths)
+def file_format(path: Path, data: DataSection) -> str:
+    """'text' for raw documents; for JSONL/JSON the configured format, or the one its records show."""
+    if path.suffix.lower() not in RECORD_SUFFIXES:
+        return "text"
+    if data.format != "auto":
+        return data.format
+    return detect_file_format(path, field_names(data.fields), data.text_field)
+
+
+def _group_by_format(paths: list[Path], data: DataSection, formats: dict[str, str]) -> dict[str, list[Path]]:
+    groups: dict[str, list[Path]] = {}
+    for path in paths:
+        fmt = formats.setdefault(str(path), file_format(path, data))
+        groups.setdefault(fmt, []).append(path)
+    return groups
+
+
+def _read_text(paths: list[Path], data: DataSection, valid_ratio: float, prepared_dir: Path | None, problems: Problems):
+    """(train, valid, stats): prepared JSONL used as is; raw documents cleaned (and written out)."""
+    if all(path.suffix.lower() in RECORD_SUFFIXES for path in paths):
+        documents, _ = load_prepared_jsonl(paths, data.text_field, problems)
+        train, valid = split_documents(documents, valid_ratio)
+        return train, valid, {}
+    prepared = prepare_documents(paths, _options(data, valid_ratio))
+    if prepared_dir is not None:
+        write_prepared(prepared, prepared_dir)
+    problems.items.extend(prepared.problems.items)
+    return prepared.train, prepared.valid, prepared.stats
+
+
+def _read_instructions(groups: dict[str, list[Path]], data: DataSection, problems: Problems) -> tuple[list, dict]:
+    fields = field_names(data.fields)
+    conversations: list[Conversation] = []
+    for fmt, paths in groups.items():
+        if fmt != "text":
+            conversations.extend(read_conversations(paths, fmt, fields, problems))
+    records = len(conversations)
+    seen: set[str] = set()
+    unique = []
+    for conversation in conversations:
+        key = exact_key(repr(conversation.messages))
+        if key not in seen:
+            seen.add(key)
+            unique.append(conversation)
+    contaminated = 0
+    if data.exclude:
+        banned = excluded_ngrams(data.exclude, data.exclude_ngram)
+        kept = [c for c in unique if not is_contaminated(c.text, banned, data.exclude_ngram)]
+        contaminated, unique = len(unique) - len(kept), kept
+    stats = {
+        "records_in": records + problems.count("invalid_record"),
+        "invalid_records": problems.count("invalid_record"),
+        "exact_duplicates": records - len(seen),
+        "contaminated": contaminated,
+    }
+    return unique, stats
 
 
 def load_run_documents(data: DataSection, prepared_dir: Path) -> RunDocuments:
-    """Train/valid documents for `data`; raw inputs are cleaned and written to `prepared_dir`."""
+    """Train/valid documents and conversations for `data`; raw documents are cleaned and written
+    to `prepared_dir`. Files of the same run may mix formats (text and instructions)."""
     problems = Problems()
-    train_files = find_files(data.train)
+    formats: dict[str, str] = {}
     valid_ratio = 0.0 if data.valid else data.valid_ratio
+    groups = _group_by_format(find_files(data.train), data, formats)
+    train: list[Document] = []
+    valid: list[Document] = []
     stats: dict = {}
-    if _is_prepared(train_files):
-        train, _ = load_prepared_jsonl(train_files, data.text_field, problems)
-        valid: list[Document] = []
-        if not data.valid:
-            train, valid = split_documents(train, valid_ratio)
-    else:
-        prepared = prepare_documents(train_files, _options(data, valid_ratio))
-        write_prepared(prepared, prepared_dir)
-        train, valid, stats = prepared.train, prepared.valid, prepared.stats
-        problems.items.extend(prepared.problems.items)
+    if "text" in groups:
+        train, valid, stats = _read_text(groups["text"], data, valid_ratio, prepared_dir, problems)
+    conversations, instruction_stats = _read_instructions(groups, data, problems)
+    train_conversations, valid_conversations = split_documents(conversations, valid_ratio)
     if data.valid:
-        valid_files = find_files(data.valid)
-        if _is_prepared(valid_files):
-            valid, _ = load_prepared_jsonl(valid_files, data.text_field, problems)
-        else:
-            valid = prepare_documents(valid_files, _options(data, 0.0)).train
-    if not train:
-        raise DataError(f"No training documents in {', '.join(data.train)}; check data.train and data.text_field.")
-    if not valid:
+        valid_problems = Problems()
+        valid_groups = _group_by_format(find_files(data.valid), data, formats)
+        if "text" in valid_groups:
+            valid = _read_text(valid_groups["text"], data, 0.0, None, valid_problems)[0]
+        valid_conversations = _read_instructions(valid_groups, data, valid_problems)[0]
+        problems.items.extend(valid_problems.items)
+    if not train and not train_conversations:
         raise DataError(
-            "No validation documents: set data.valid, or a data.valid_ratio > 0 with at least two training documents."
+            f"No training documents or examples in {', '.join(data.train)}; check data.train, data.format and "
+            "data.text_field / data.fields."
         )
-    return RunDocuments(train=train, valid=valid, stats=stats, problems=problems)
+    if not valid and not valid_conversations:
+        raise DataError(
+            "No validation data: set data.valid, or a data.valid_ratio > 0 with at least two training documents."
+        )
+    if conversations or train_conversations:
+        stats["instructions"] = instruction_stats
+    return RunDocuments(
+        train=train,
+        valid=valid,
+        train_conversations=train_conversations,
+        valid_conversations=valid_conversations,
+        stats=stats,
+        problems=problems,
+        formats=formats,
+    )
 
 
 @dataclass
 class RunBlocks:
-    train: list[np.ndarray]
-    valid: list[np.ndarray]
+    train: PackedBlocks
+    valid: PackedBlocks
     stats: dict
-    train_lengths: list[int]  # tokens per training document, to trace a block back to its sources
+    sources: list[str]  # what a block's `members` index: documents first, then examples
 
 
-def pack_run_documents(documents: RunDocuments, tokenizer, seq_len: int) -> RunBlocks:
-    """Tokenize (cached) and pack: full blocks for training, every token kept for validation."""
+def resample_blocks(blocks: PackedBlocks, count: int, seed: int = 0) -> PackedBlocks:
+    """`count` blocks drawn without replacement, cycling through a seeded order when more are wanted."""
+    order = np.random.default_rng(seed).permutation(len(blocks))
+    picked = np.resize(order, count)
+    return PackedBlocks(
+        blocks.input_ids[picked],
+        None if blocks.labels is None else blocks.labels[picked],
+        None if blocks.position_ids is None else blocks.position_ids[picked],
+        [blocks.members[i] for i in picked],
+    )
+
+
+def _pack_text(documents: RunDocuments, tokenizer, seq_len: int, stats: dict):
     train_ids = tokenize_cached([d.text for d in documents.train], tokenizer)
     valid_ids = tokenize_cached([d.text for d in documents.valid], tokenizer)
-    train = pack_documents(train_ids, tokenizer.eos_token_id, seq_len)
-    valid = pack_documents(valid_ids, tokenizer.eos_token_id, seq_len, keep_tail=True)
-    train_lengths = [len(ids) for ids in train_ids]
-    train_tokens = sum(train_lengths)
-    if not train:
+    stats.update(
+        train_documents=len(documents.train),
+        valid_documents=len(documents.valid),
+        train_tokens=int(sum(len(ids) for ids in train_ids)),
+        valid_tokens=int(sum(len(ids) for ids in valid_ids)),
+    )
+    return (
+        pack_documents(train_ids, tokenizer.eos_token_id, seq_len) if train_ids else None,
+        pack_documents(valid_ids, tokenizer.eos_token_id, seq_len, keep_tail=True) if valid_ids else None,
+    )
+
+
+def _pack_instructions(documents: RunDocuments, tokenizer, seq_len: int, template, train_turns, stats, problems):
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    train = build_examples(documents.train_conversations, tokenizer, template, seq_len, train_turns, problems)
+    valid = build_examples(documents.valid_conversations, tokenizer, template, seq_len, train_turns, problems)
+    instructions = stats.setdefault("instructions", {})
+    instructions.update(
+        train_examples=train.stats["examples"],
+        valid_examples=valid.stats["examples"],
+        truncated_examples=train.stats["truncated_examples"] + valid.stats["truncated_examples"],
+        dropped_examples_prompt_too_long=train.stats["dropped_examples_prompt_too_long"]
+        + valid.stats["dropped_examples_prompt_too_long"],
+        train_tokens=train.stats["tokens"],
+        train_answer_tokens=train.stats["answer_tokens"],
+        valid_answer_tokens=valid.stats["answer_tokens"],
+        chat_template=template.origin,
+    )
+    packed_train = pack_examples(train.input_ids, train.labels, seq_len, pad_id) if train.input_ids else None
+    if packed_train is not None:
+        # Share of block tokens that are real (not padding): best-fit packing keeps this near 1.
+        instructions["packing_efficiency"] = round(train.stats["tokens"] / packed_train.input_ids.size, 4)
+    return (
+        packed_train,
+        pack_examples(valid.input_ids, valid.labels, seq_len, pad_id) if valid.input_ids else None,
+        train.sources,
+    )
+
+
+def pack_run_documents(
+    documents: RunDocuments,
+    tokenizer,
+    seq_len: int,
+    template: ChatTemplate | None = None,
+    train_turns: str = "all",
+    instruct_share: float = 0.0,
+    problems: Problems | None = None,
+) -> RunBlocks:
+    """Tokenize (cached) and pack: text into EOS-separated blocks, instructions into whole-example
+    blocks; with both, the training blocks are mixed (`instruct_share` of them instructions)."""
+    stats: dict = dict(documents.stats)
+    problems = problems if problems is not None else documents.problems
+    text_train, text_valid = _pack_text(documents, tokenizer, seq_len, stats)
+    sources = [d.source for d in documents.train]
+    inst_train = inst_valid = None
+    if documents.train_conversations or documents.valid_conversations:
+        if template is None:
+            raise ValueError("instruction data needs a chat template")
+        inst_train, inst_valid, example_sources = _pack_instructions(
+            documents, tokenizer, seq_len, template, train_turns, stats, problems
+        )
+        if text_train is not None and inst_train is not None and instruct_share:
+            wanted = max(1, round(instruct_share / (1.0 - instruct_share) * len(text_train)))
+            inst_train = resample_blocks(inst_train, wanted)
+        offset = len(sources)
+        sources = sources + example_sources
+    else:
+        offset = 0
+    train = _join(text_train, inst_train, offset)
+    valid = _join(text_valid, inst_valid, 0)
+    if train is None or len(train) == 0:
         raise DataError(
-            f"The training data has fewer tokens ({train_tokens}) than one block of "
+            f"The training data has fewer tokens ({stats.get('train_tokens', 0)}) than one block of "
             f"train.seq_len={seq_len}; add data or lower train.seq_len."
         )
-    stats = {
-        **documents.stats,
-        "train_documents": len(documents.train),
-        "valid_documents": len(documents.valid),
-        "train_tokens": train_tokens,
-        "valid_tokens": int(sum(len(ids) for ids in valid_ids)),
-        "train_blocks": len(train),
-        "valid_blocks": len(valid),
-    }
-    return RunBlocks(train=train, valid=valid, stats=stats, train_lengths=train_lengths)
+    if valid is None:
+        raise DataError("No validation tokens after tokenization; add validation data.")
+    stats.update(train_blocks=len(train), valid_blocks=len(valid))
+    if inst_train is not None:
+        stats["instructions"]["train_blocks"] = len(inst_train)
+    return RunBlocks(train=train, valid=valid, stats=stats, sources=sources)
+
+
+def _join(text: PackedBlocks | None, instructions: PackedBlocks | None, offset: int) -> PackedBlocks | None:
+    if text is None or len(text) == 0:
+        return instructions
+    if instructions is None:
+        return text
+    return concatenate_blocks(text, instructions, offset)

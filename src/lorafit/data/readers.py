@@ -6,19 +6,19 @@ bad file never stops a run.
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 from lorafit.data.documents import Document, Problems
+from lorafit.data.records import RECORD_SUFFIXES, iter_records
 from lorafit.errors import DataError
 
 log = logging.getLogger(__name__)
 
 HTML_SUFFIXES = {".html", ".htm"}
 TEXT_SUFFIXES = {".md", ".markdown", ".txt"}
-SUFFIXES = HTML_SUFFIXES | TEXT_SUFFIXES | {".pdf", ".jsonl"}
+SUFFIXES = HTML_SUFFIXES | TEXT_SUFFIXES | RECORD_SUFFIXES | {".pdf"}
 
 
 def find_files(inputs: Iterable[str | Path]) -> list[Path]:
@@ -87,37 +87,22 @@ def pdf_text(path: Path) -> str:
 
 
 def read_jsonl(path: Path, text_field: str, problems: Problems) -> Iterator[Document]:
-    with path.open("rb") as handle:
-        for number, raw in enumerate(handle, start=1):
-            where = f"{path}:{number}"
-            if not raw.strip():
-                continue
-            try:
-                record = json.loads(raw.decode("utf-8"))
-            except UnicodeDecodeError:
-                problems.add(where, "unreadable", "not valid UTF-8")
-                continue
-            except json.JSONDecodeError as exc:
-                problems.add(where, "unreadable", f"invalid JSON ({exc.msg})")
-                continue
-            if not isinstance(record, dict):
-                problems.add(where, "unreadable", "a JSON object per line is expected")
-                continue
-            text = record.get(text_field)
-            if not isinstance(text, str):
-                found = ", ".join(sorted(map(str, record))) or "none"
-                problems.add(
-                    where,
-                    "unreadable",
-                    f"no text field '{text_field}' (fields: {found}); set data.text_field / --text-field",
-                )
-                continue
-            yield Document(text=text, source=str(record.get("source") or where))
+    for where, record in iter_records(path, problems):
+        text = record.get(text_field)
+        if not isinstance(text, str):
+            found = ", ".join(sorted(map(str, record))) or "none"
+            problems.add(
+                where,
+                "unreadable",
+                f"no text field '{text_field}' (fields: {found}); set data.text_field / --text-field",
+            )
+            continue
+        yield Document(text=text, source=str(record.get("source") or where))
 
 
 def read_file(path: Path, text_field: str, problems: Problems) -> Iterator[Document]:
     suffix = path.suffix.lower()
-    if suffix == ".jsonl":
+    if suffix in RECORD_SUFFIXES:
         yield from read_jsonl(path, text_field, problems)
         return
     try:

@@ -1,26 +1,36 @@
-"""Deterministic document-level train/validation split by a hash of each document."""
+"""Deterministic train/validation split by a hash of each document's (or example's) text."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from typing import Protocol, TypeVar
+
 from lorafit.data.clean import exact_key
-from lorafit.data.documents import Document
 
 
-def split_position(doc: Document) -> float:
-    """A stable number in [0, 1) drawn from the document's text (not its order or path)."""
-    return int(exact_key(doc.text)[:15], 16) / 16**15
+class HasText(Protocol):
+    @property
+    def text(self) -> str: ...
 
 
-def split_documents(documents: list[Document], valid_ratio: float) -> tuple[list[Document], list[Document]]:
-    """Split whole documents; a document lands on the same side whatever else is in the set."""
-    if valid_ratio <= 0 or len(documents) < 2:
-        return list(documents), []
-    positions = [split_position(doc) for doc in documents]
-    valid = [doc for doc, pos in zip(documents, positions) if pos < valid_ratio]
-    train = [doc for doc, pos in zip(documents, positions) if pos >= valid_ratio]
+Item = TypeVar("Item", bound=HasText)
+
+
+def split_position(item: HasText) -> float:
+    """A stable number in [0, 1) drawn from the item's text (not its order or path)."""
+    return int(exact_key(item.text)[:15], 16) / 16**15
+
+
+def split_documents(items: Sequence[Item], valid_ratio: float) -> tuple[list[Item], list[Item]]:
+    """Split whole documents (or examples); one lands on the same side whatever else is in the set."""
+    if valid_ratio <= 0 or len(items) < 2:
+        return list(items), []
+    positions = [split_position(item) for item in items]
+    valid = [item for item, pos in zip(items, positions) if pos < valid_ratio]
+    train = [item for item, pos in zip(items, positions) if pos >= valid_ratio]
     if not valid:
-        # Small sets can miss the ratio entirely; hold out the lowest-hash document instead.
-        lowest = min(range(len(documents)), key=positions.__getitem__)
-        valid = [documents[lowest]]
-        train = [doc for i, doc in enumerate(documents) if i != lowest]
+        # Small sets can miss the ratio entirely; hold out the lowest-hash item instead.
+        lowest = min(range(len(items)), key=positions.__getitem__)
+        valid = [items[lowest]]
+        train = [item for i, item in enumerate(items) if i != lowest]
     return train, valid

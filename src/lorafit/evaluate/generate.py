@@ -1,46 +1,82 @@
-"""Greedy generations from the base model and the adapted model, side by side."""
+"""Greedy generations, batched, and base vs adapter side by side (the base is the same weights
+with the adapter disabled, so no second model is loaded)."""
 
 from __future__ import annotations
 
-from contextlib import nullcontext
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
 
 import torch
 
 
+@contextmanager
+def generation_mode(model) -> Iterator[None]:
+    """Eval mode with the KV cache on; training mode and settings restored afterwards."""
+    was_training = model.training
+    config = getattr(model, "config", None)
+    old_cache = getattr(config, "use_cache", None)
+    model.eval()
+    if config is not None:
+        config.use_cache = True
+    try:
+        yield
+    finally:
+        if config is not None:
+            config.use_cache = old_cache
+        model.train(was_training)
+
+
 @torch.no_grad()
-def greedy_continuation(
-    model, tokenizer, prompt: str, max_new_tokens: int, device: torch.device, autocast=nullcontext
-) -> str:
-    encoded = tokenizer(prompt, return_tensors="pt", add_special_tokens=False).to(device)
-    with autocast():
-        output = model.generate(
-            **encoded,
-            max_new_tokens=max_new_tokens,
-            do_sample=False,
-            pad_token_id=tokenizer.pad_token_id,
-            eos_token_id=tokenizer.eos_token_id,
-        )
-    return tokenizer.decode(output[0, encoded["input_ids"].shape[1] :], skip_special_tokens=True)
+def greedy_generate(
+    model,
+    tokenizer,
+    prompts: list[str],
+    max_new_tokens: int,
+    device: torch.device,
+    autocast=nullcontext,
+    batch_size: int = 16,
+) -> list[str]:
+    """Greedy answers to already-rendered prompts, in order. Prompts are batched by length with left
+    padding; each answer ends at the tokenizer's EOS (not included) or after `max_new_tokens`."""
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    encoded = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
+    order = sorted(range(len(prompts)), key=lambda i: len(encoded[i]))
+    answers: list[str] = [""] * len(prompts)
+    for start in range(0, len(order), batch_size):
+        chunk = order[start : start + batch_size]
+        width = max(len(encoded[i]) for i in chunk)
+        ids = torch.full((len(chunk), width), pad_id, dtype=torch.long)
+        mask = torch.zeros((len(chunk), width), dtype=torch.long)
+        for row, index in enumerate(chunk):
+            tokens = encoded[index]
+            ids[row, width - len(tokens) :] = torch.as_tensor(tokens)
+            mask[row, width - len(tokens) :] = 1
+        with autocast():
+            output = model.generate(
+                input_ids=ids.to(device),
+                attention_mask=mask.to(device),
+                max_new_tokens=max_new_tokens,
+                do_sample=False,
+                pad_token_id=pad_id,
+                eos_token_id=tokenizer.eos_token_id,
+            )
+        for row, index in enumerate(chunk):
+            new = output[row, width:].tolist()
+            if tokenizer.eos_token_id in new:
+                new = new[: new.index(tokenizer.eos_token_id)]
+            answers[index] = tokenizer.decode(new, skip_special_tokens=True).strip()
+    return answers
 
 
 def side_by_side(
     peft_model, tokenizer, prompts: list[str], max_new_tokens: int, device: torch.device, autocast=nullcontext
 ) -> list[dict]:
-    """[{prompt, base, adapter}] — the base is the same weights with the adapter disabled."""
-    was_training = peft_model.training
-    peft_model.eval()
-    peft_model.config.use_cache = True
-    rows = []
-    try:
-        for prompt in prompts:
-            with peft_model.disable_adapter():
-                base = greedy_continuation(peft_model, tokenizer, prompt, max_new_tokens, device, autocast)
-            adapted = greedy_continuation(peft_model, tokenizer, prompt, max_new_tokens, device, autocast)
-            rows.append({"prompt": prompt, "base": base, "adapter": adapted})
-    finally:
-        peft_model.config.use_cache = False
-        peft_model.train(was_training)
-    return rows
+    """[{prompt, base, adapter}] for rendered prompts."""
+    with generation_mode(peft_model):
+        with peft_model.disable_adapter():
+            base = greedy_generate(peft_model, tokenizer, prompts, max_new_tokens, device, autocast)
+        adapted = greedy_generate(peft_model, tokenizer, prompts, max_new_tokens, device, autocast)
+    return [{"prompt": p, "base": b, "adapter": a} for p, b, a in zip(prompts, base, adapted)]
 
 
 def default_prompt(text: str, words: int = 40) -> str:

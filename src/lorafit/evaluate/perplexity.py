@@ -5,8 +5,11 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-import numpy as np
 import torch
+
+from lorafit.data.pack import PackedBlocks
+from lorafit.train.batches import BlockTensors
+from lorafit.train.loss import target_count
 
 
 @dataclass
@@ -23,30 +26,21 @@ class LossResult:
         return math.exp(min(self.loss, 50.0))
 
 
-def _batches(blocks: list[np.ndarray], batch_size: int):
-    """Equal-length blocks batched together; shorter tail blocks on their own."""
-    by_length: dict[int, list[np.ndarray]] = {}
-    for block in blocks:
-        by_length.setdefault(len(block), []).append(block)
-    for group in by_length.values():
-        for start in range(0, len(group), batch_size):
-            yield torch.as_tensor(np.stack(group[start : start + batch_size]), dtype=torch.long)
-
-
 @torch.no_grad()
 def evaluate_loss(
-    objective: torch.nn.Module, blocks: list[np.ndarray], batch_size: int, device: torch.device, autocast
+    objective: torch.nn.Module, blocks: PackedBlocks, batch_size: int, device: torch.device, autocast
 ) -> LossResult:
-    """Mean next-token loss over all tokens of `blocks`; `objective` returns summed losses."""
+    """Mean next-token loss over every target token of `blocks`; `objective` returns summed losses."""
     was_training = objective.training
     objective.eval()
+    tensors = BlockTensors.from_packed(blocks)
     nll_sum, tokens = 0.0, 0
     try:
-        for batch in _batches(blocks, batch_size):
-            batch = batch.to(device)
+        for start in range(0, len(tensors), batch_size):
+            batch = tensors.batch(torch.arange(start, min(start + batch_size, len(tensors))), device)
             with autocast():
-                nll_sum += float(objective(batch, batch))
-            tokens += batch.shape[0] * (batch.shape[1] - 1)
+                nll_sum += float(objective(**batch))
+            tokens += target_count(batch["labels"])
     finally:
         objective.train(was_training)
     return LossResult(nll_sum=nll_sum, tokens=tokens)

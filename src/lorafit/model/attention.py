@@ -10,8 +10,8 @@ fp32 reference). The price is memory: the bf16 probabilities (~14 MB per layer a
 for backward instead of being recomputed.
 
 It is registered with transformers' AttentionInterface and used only for what it was measured on:
-pure causal self-attention (no padding mask, no KV cache, no dropout) in bf16/fp16. Anything else
-falls through to SDPA unchanged.
+causal self-attention (optionally restricted by a boolean mask, as for packed instruction examples;
+no KV cache, no dropout) in bf16/fp16. Anything else falls through to SDPA unchanged.
 """
 
 from __future__ import annotations
@@ -31,10 +31,16 @@ def _causal_bias(start: int, rows: int, dtype: torch.dtype, device: torch.device
 
 
 def block_causal_attention(
-    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scaling: float, block_rows: int = BLOCK_ROWS
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    scaling: float,
+    block_rows: int = BLOCK_ROWS,
+    allowed: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Causal attention. query (B, H, L, D); key/value (B, KVH, L, D) with H a multiple of KVH
-    (grouped-query attention without repeating keys); returns (B, H, L, D)."""
+    (grouped-query attention without repeating keys); returns (B, H, L, D). `allowed` (B, 1, L, L),
+    True where a query may see a key, further restricts a causal mask (packed examples)."""
     batch, heads, length, dim = query.shape
     kv_heads = key.shape[1]
     groups = heads // kv_heads
@@ -47,8 +53,14 @@ def block_causal_attention(
         end = min(start + block_rows, length)
         rows = end - start
         q_block = q[:, :, start:end].reshape(batch * kv_heads, groups * rows, dim)
-        bias = _causal_bias(start, rows, query.dtype, query.device).repeat(groups, 1)
-        scores = torch.baddbmm(bias.expand(batch * kv_heads, -1, -1), q_block, k[:, :end].transpose(1, 2))
+        if allowed is None:
+            bias = _causal_bias(start, rows, query.dtype, query.device).repeat(groups, 1)
+            scores = torch.baddbmm(bias.expand(batch * kv_heads, -1, -1), q_block, k[:, :end].transpose(1, 2))
+        else:
+            # The mask is causal already; a finite fill keeps any fully masked row free of NaN.
+            scores = torch.bmm(q_block, k[:, :end].transpose(1, 2))
+            hidden = ~allowed[:, :, start:end, :end].unsqueeze(2)  # (B, 1, 1, rows, end)
+            scores.view(batch, kv_heads, groups, rows, end).masked_fill_(hidden, torch.finfo(scores.dtype).min)
         probs = torch.softmax(scores, dim=-1)
         outputs.append(torch.bmm(probs, v[:, :end]).reshape(batch * kv_heads, groups, rows, dim))
     return torch.cat(outputs, dim=2).reshape(batch, heads, length, dim)
@@ -68,8 +80,15 @@ def lorafit_attention_forward(
     """transformers attention interface: (B, H, L, D) inputs -> ((B, L, H, D) output, None)."""
     causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
     length = query.shape[2]
+    # A boolean (B, 1, L, L) mask is what transformers builds for packed examples (restarting positions).
+    mask_fits = attention_mask is None or (
+        attention_mask.dtype == torch.bool
+        and attention_mask.dim() == 4
+        and attention_mask.shape[1] == 1
+        and tuple(attention_mask.shape[2:]) == (length, length)
+    )
     fits = (
-        attention_mask is None
+        mask_fits
         and causal
         and dropout == 0.0
         and length > 1
@@ -85,7 +104,7 @@ def lorafit_attention_forward(
             module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, is_causal=is_causal, **kwargs
         )
     scale = scaling if scaling is not None else query.shape[-1] ** -0.5
-    output = block_causal_attention(query, key, value, scale)
+    output = block_causal_attention(query, key, value, scale, allowed=attention_mask)
     return output.transpose(1, 2).contiguous(), None
 
 

@@ -11,14 +11,46 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from lorafit.data.pack import PackedBlocks
+
 
 def epoch_order(num_blocks: int, seed: int, epoch: int) -> torch.Tensor:
     generator = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
     return torch.randperm(num_blocks, generator=generator)
 
 
-def stack_blocks(blocks: list[np.ndarray]) -> torch.Tensor:
-    return torch.as_tensor(np.stack(blocks), dtype=torch.long)
+@dataclass
+class BlockTensors:
+    """Packed blocks as tensors, from which micro-batches are picked by block index."""
+
+    input_ids: torch.Tensor
+    labels: torch.Tensor | None  # None: every token is a target
+    position_ids: torch.Tensor | None  # None: 0..L-1 (one causal stream per block)
+
+    @classmethod
+    def from_packed(cls, blocks: PackedBlocks) -> BlockTensors:
+        def tensor(array: np.ndarray | None) -> torch.Tensor | None:
+            return None if array is None else torch.as_tensor(np.ascontiguousarray(array), dtype=torch.long)
+
+        return cls(tensor(blocks.input_ids), tensor(blocks.labels), tensor(blocks.position_ids))
+
+    def __len__(self) -> int:
+        return self.input_ids.shape[0]
+
+    @property
+    def seq_len(self) -> int:
+        return self.input_ids.shape[1]
+
+    def batch(self, indices: torch.Tensor, device: torch.device) -> dict[str, torch.Tensor]:
+        """The objective's keyword arguments for these blocks."""
+        input_ids = self.input_ids[indices].to(device)
+        batch = {
+            "input_ids": input_ids,
+            "labels": input_ids if self.labels is None else self.labels[indices].to(device),
+        }
+        if self.position_ids is not None:
+            batch["position_ids"] = self.position_ids[indices].to(device)
+        return batch
 
 
 @dataclass

@@ -21,7 +21,7 @@ from lorafit.config import TrainSection
 from lorafit.errors import LorafitError
 from lorafit.evaluate.perplexity import LossResult
 from lorafit.train import faults
-from lorafit.train.batches import BlockStream
+from lorafit.train.batches import BlockStream, BlockTensors
 from lorafit.train.loss import target_count
 from lorafit.train.schedule import learning_rate, warmup_steps_for
 
@@ -62,7 +62,7 @@ def train_loop(
     accelerator,
     objective: torch.nn.Module,
     optimizer: torch.optim.Optimizer,
-    blocks: torch.Tensor,
+    blocks: BlockTensors,
     train: TrainSection,
     autocast: Callable,
     validate: Callable[[], LossResult],
@@ -79,7 +79,7 @@ def train_loop(
     state.grad_accum = state.grad_accum or train.grad_accum
     position = position or {"epoch": 0, "index": 0}
     stream = BlockStream(
-        num_blocks=blocks.shape[0],
+        num_blocks=len(blocks),
         batch_size=state.micro_batch_size,
         seed=train.seed,
         epoch=position["epoch"],
@@ -149,7 +149,7 @@ def train_loop(
             raise UnstableTrainingError(step=state.step + 1, blocks=step_blocks)
 
         elapsed = time.perf_counter() - started
-        step_tokens = len(step_blocks) * blocks.shape[1] * accelerator.num_processes
+        step_tokens = len(step_blocks) * blocks.seq_len * accelerator.num_processes
         state.step += 1
         state.tokens_seen += step_tokens
         state.train_seconds += elapsed
@@ -194,13 +194,13 @@ class UnstableTrainingError(Exception):
 
 
 def accumulate_gradients(
-    accelerator, objective, blocks: torch.Tensor, stream: BlockStream, state: LoopState, autocast: Callable
+    accelerator, objective, blocks: BlockTensors, stream: BlockStream, state: LoopState, autocast: Callable
 ) -> tuple[float, int, list[int]]:
     """Forward/backward over one optimizer step's micro-batches; returns (loss sum, targets, block ids)."""
     indices = [stream.next_indices() for _ in range(state.grad_accum)]
-    micro_batches = [blocks[i].to(accelerator.device) for i in indices]
+    micro_batches = [blocks.batch(i, accelerator.device) for i in indices]
     faults.before_backward(state.step + 1)
-    targets = torch.tensor(sum(target_count(b) for b in micro_batches), device=accelerator.device)
+    targets = torch.tensor(sum(target_count(b["labels"]) for b in micro_batches), device=accelerator.device)
     global_targets = accelerator.reduce(targets, reduction="sum") if accelerator.num_processes > 1 else targets
     # DDP averages gradients over ranks; multiplying by world size turns that into a sum.
     scale = accelerator.num_processes / global_targets.clamp(min=1).float()
@@ -209,7 +209,7 @@ def accumulate_gradients(
         last = index == len(micro_batches) - 1
         sync = nullcontext() if last else accelerator.no_sync(objective)
         with sync, autocast():
-            micro_loss = objective(batch, batch) * faults.loss_factor(state.step + 1)
+            micro_loss = objective(**batch) * faults.loss_factor(state.step + 1)
         accelerator.backward(micro_loss * scale)
         loss_sum += float(micro_loss.detach())
     return loss_sum, int(targets), [int(i) for batch in indices for i in batch]

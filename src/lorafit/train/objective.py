@@ -25,14 +25,16 @@ class CausalLMObjective(torch.nn.Module):
         self.chunk_tokens = chunk_tokens
 
     def forward(
-        self, input_ids: torch.Tensor, labels: torch.Tensor, attention_mask: torch.Tensor | None = None
+        self, input_ids: torch.Tensor, labels: torch.Tensor, position_ids: torch.Tensor | None = None
     ) -> torch.Tensor:
+        """Summed loss over `labels` != -100. `position_ids` that restart mark packed examples:
+        transformers then masks attention block-diagonally, so examples never see each other."""
         causal_lm = causal_lm_of(self.model)
         head = causal_lm.get_output_embeddings()
         decoder = getattr(causal_lm, "model", None)
+        inputs = {"input_ids": input_ids, "position_ids": position_ids, "use_cache": False}
         if type(head) is torch.nn.Linear and head.bias is None and decoder is not None:
-            hidden = decoder(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
+            hidden = decoder(**inputs).last_hidden_state
             return fused_lm_loss_sum(hidden, head.weight, labels, self.chunk_tokens, self.compute_dtype)
         # An adapted or unusual output layer: the plain (memory-hungry) formulation.
-        logits = self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
-        return reference_lm_loss_sum(logits, labels)
+        return reference_lm_loss_sum(self.model(**inputs).logits, labels)

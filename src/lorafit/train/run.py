@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import random
@@ -18,17 +17,19 @@ from rich.console import Console
 
 from lorafit.adapters.save import save_adapter
 from lorafit.config import RunConfig, config_to_yaml
+from lorafit.data.chat_template import render_prompt, resolve_chat_template
 from lorafit.data.datasets import load_run_documents, pack_run_documents
-from lorafit.data.pack import documents_in_blocks
+from lorafit.data.pack import PackedBlocks
 from lorafit.errors import ConfigError, LorafitError, TrainingInterruptedError, UsageError
 from lorafit.evaluate.generate import default_prompt, side_by_side
 from lorafit.evaluate.perplexity import LossResult, evaluate_loss
+from lorafit.evaluate.tasks import score_task_files
 from lorafit.io import append_jsonl, write_json_atomic, write_text_atomic
 from lorafit.model.attention import use_block_causal_attention
 from lorafit.model.dropout import use_int16_mask_dropout
 from lorafit.model.load import load_causal_lm, load_model_config, load_tokenizer, resolve_base, weights_fingerprint
 from lorafit.model.lora import apply_lora, parameter_report
-from lorafit.train.batches import stack_blocks
+from lorafit.train.batches import BlockTensors
 from lorafit.train.checkpoint import (
     changed_fingerprints,
     find_checkpoint,
@@ -84,15 +85,10 @@ def keep_metrics_up_to(path: Path, step: int) -> None:
     write_text_atomic(path, "".join(line + "\n" for line in lines))
 
 
-def input_fingerprints(config: RunConfig, train_blocks: list, valid_blocks: list, base_fingerprint: str) -> dict:
+def input_fingerprints(
+    config: RunConfig, train_blocks: PackedBlocks, valid_blocks: PackedBlocks, base_fingerprint: str
+) -> dict:
     """What a resumed run must share with the run that wrote the checkpoint."""
-
-    def digest(blocks: list) -> str:
-        h = hashlib.sha256()
-        for block in blocks:
-            h.update(np.ascontiguousarray(block, dtype=np.int64).tobytes())
-        return h.hexdigest()
-
     flat = {
         f"{section}.{key}": value
         for section, values in config.model_dump(mode="json").items()
@@ -101,10 +97,49 @@ def input_fingerprints(config: RunConfig, train_blocks: list, valid_blocks: list
     }
     return {
         "config": flat,
-        "train_data": digest(train_blocks),
-        "valid_data": digest(valid_blocks),
+        "train_data": train_blocks.digest(),
+        "valid_data": valid_blocks.digest(),
         "base_model": base_fingerprint,
     }
+
+
+def report_problems(console: Console, problems: list, shown: int = 20) -> None:
+    for problem in problems[:shown]:
+        console.print(f"[yellow]skipped[/] {problem.where}: {problem.message}", highlight=False)
+    if len(problems) > shown:
+        console.print(f"[yellow]skipped {len(problems) - shown} more records or files[/] (listed in summary.json)")
+
+
+def describe_data(stats: dict, formats: dict[str, str]) -> str:
+    parts = []
+    if stats.get("train_documents"):
+        parts.append(
+            f"{stats['train_documents']} train / {stats['valid_documents']} valid documents "
+            f"({stats['train_tokens']:,} / {stats['valid_tokens']:,} tokens)"
+        )
+    instructions = stats.get("instructions")
+    if instructions:
+        kinds = sorted({fmt for fmt in formats.values() if fmt != "text"})
+        parts.append(
+            f"{instructions['train_examples']} train / {instructions['valid_examples']} valid examples "
+            f"({', '.join(kinds)}; {instructions['truncated_examples']} truncated; template: "
+            f"{instructions['chat_template']})"
+        )
+    return "; ".join(parts)
+
+
+def generation_prompts(config: RunConfig, documents, tokenizer, template) -> tuple[list[str], list[str]]:
+    """(shown, fed) prompts for the side-by-side generations: instruction runs ask questions through
+    the chat template (shown: the question); text runs continue the opening of a document."""
+    if template is not None and (documents.instruction or not documents.valid):
+        if config.eval.prompts:
+            chats = [[{"role": "user", "content": prompt}] for prompt in config.eval.prompts]
+        else:
+            chats = [c.messages for c in (documents.valid_conversations or documents.train_conversations)[:3]]
+        chats = [m[:-1] if m[-1]["role"] == "assistant" else m for m in chats]
+        return [m[-1]["content"] for m in chats], [render_prompt(tokenizer, template, m) for m in chats]
+    prompts = list(config.eval.prompts) or [default_prompt(documents.valid[0].text)]
+    return prompts, prompts
 
 
 def check_seq_len(seq_len: int, model_config) -> None:
@@ -151,13 +186,19 @@ def run_training(
     console.print(f"[bold]base[/] {ref.name}  [bold]precision[/] {precision}  [bold]device[/] {device}")
 
     documents = load_run_documents(config.data, out_dir / "data")
-    for problem in documents.problems.items[:20]:
-        console.print(f"[yellow]skipped[/] {problem.where}: {problem.message}")
-    blocks = pack_run_documents(documents, tokenizer, train_cfg.seq_len)
+    # Instruction data and task evaluation render prompts with one template, chosen (and checked) here.
+    template = (
+        resolve_chat_template(tokenizer, config.data.chat_template)
+        if documents.instruction or documents.valid_conversations or config.eval.tasks
+        else None
+    )
+    blocks = pack_run_documents(
+        documents, tokenizer, train_cfg.seq_len, template, config.data.train_turns, config.data.instruct_share
+    )
+    report_problems(console, documents.problems.items)
     train_blocks, valid_blocks, data_stats = blocks.train, blocks.valid, blocks.stats
     console.print(
-        f"[bold]data[/] {data_stats['train_documents']} train / {data_stats['valid_documents']} valid documents, "
-        f"{data_stats['train_tokens']:,} / {data_stats['valid_tokens']:,} tokens, "
+        f"[bold]data[/] {describe_data(data_stats, documents.formats)}; "
         f"{len(train_blocks)} blocks of {train_cfg.seq_len}"
     )
 
@@ -183,7 +224,7 @@ def run_training(
     )
     objective, optimizer = accelerator.prepare(objective, optimizer)
 
-    capped_valid = valid_blocks[: train_cfg.eval_max_blocks] if train_cfg.eval_max_blocks else valid_blocks
+    capped_valid = valid_blocks.head(train_cfg.eval_max_blocks)
 
     def validate(blocks=capped_valid) -> LossResult:
         return evaluate_loss(objective, blocks, train_cfg.micro_batch_size, device, autocast)
@@ -247,10 +288,10 @@ def run_training(
             write_checkpoint(state, position)
 
     def batch_sources(block_ids: list[int]) -> str:
-        docs = documents_in_blocks(blocks.train_lengths, train_cfg.seq_len, block_ids)
-        return ", ".join(documents.train[i].source for i in docs[:5]) + (" ..." if len(docs) > 5 else "")
+        docs = sorted({member for block in block_ids for member in train_blocks.members[block]})
+        return ", ".join(blocks.sources[i] for i in docs[:5]) + (" ..." if len(docs) > 5 else "")
 
-    train_tensor = stack_blocks(train_blocks)
+    train_tensor = BlockTensors.from_packed(train_blocks)
     rollbacks = 0
     with StopRequests() as stop_requested, training_progress(console) as progress:
         while True:
@@ -333,6 +374,9 @@ def run_training(
         "tokens_per_second": state.tokens_seen / max(state.train_seconds, 1e-9),
         "trainable_parameters": report.as_dict(),
         "data": data_stats,
+        "data_problems": [
+            {"where": p.where, "reason": p.reason, "message": p.message} for p in documents.problems.items
+        ],
     }
     if accelerator.is_main_process:
         save_adapter(
@@ -346,13 +390,21 @@ def run_training(
                     "weights_fingerprint": weights_fingerprint(ref),
                 },
                 "config": config.model_dump(mode="json"),
+                "chat_template": None if template is None else {"origin": template.origin, "text": template.text},
                 "data": data_stats,
                 "metrics": {k: summary[k] for k in ("valid_ppl_before", "valid_ppl_after", "steps", "train_tokens")},
             },
         )
-        prompts = list(config.eval.prompts) or [default_prompt(documents.valid[0].text)]
+        shown, prompts = generation_prompts(config, documents, tokenizer, template)
         generations = side_by_side(peft_model, tokenizer, prompts, config.eval.max_new_tokens, device, autocast)
+        for row, question in zip(generations, shown):
+            row["rendered_prompt"], row["prompt"] = row["prompt"], question
         summary["generations"] = generations
+        if config.eval.tasks:
+            console.print(f"scoring the base model and the adapter on {', '.join(config.eval.tasks)}...")
+            tasks = score_task_files(peft_model, tokenizer, template, config.eval, config.data, device, autocast)
+            write_json_atomic(out_dir / "tasks.json", tasks)
+            summary["tasks"] = tasks["metrics"]
         summary["peak_rss_mb"] = peak_rss_mb()
         summary["wall_seconds"] = time.perf_counter() - wall_start
         write_json_atomic(out_dir / "summary.json", summary)

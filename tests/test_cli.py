@@ -180,6 +180,8 @@ def test_existing_run_is_not_overwritten_without_flag(tmp_path, tiny_model_dir):
         (["train.seq_len=4096"], "train.seq_len=4096 exceeds the model's maximum of 256"),
         (["model.base=org/model-that-needs-the-hub"], "org/model-that-needs-the-hub"),
         (["data.train=/no/such/folder"], "/no/such/folder"),
+        (["data.chat_template=model", "eval.tasks=[qa.jsonl]"], "tokenizer has no chat template"),
+        (["data.fields={outptu: answer}"], "did you mean 'output'"),
     ],
 )
 def test_bad_input_gets_one_clear_message(tmp_path, tiny_model_dir, overrides, expected):

@@ -57,3 +57,22 @@ def test_chat_template_and_eos_survive_the_cache(embedded_tokenizer):
         [{"role": "user", "content": "hi"}], tokenize=False, add_generation_prompt=True
     )
     assert "<|im_start|>user\nhi<|im_end|>" in rendered and rendered.endswith("<|im_start|>assistant\n")
+
+
+def test_answer_only_labels_with_the_embedded_chatml_template(embedded_tokenizer):
+    from lorafit.data.chat_template import render_prompt, resolve_chat_template
+    from lorafit.data.examples import IGNORE_INDEX, build_examples
+    from lorafit.data.formats import Conversation
+
+    template = resolve_chat_template(embedded_tokenizer, "auto")
+    assert template.origin == "model"
+    messages = [{"role": "user", "content": "What does len() return?"}, {"role": "assistant", "content": "A count."}]
+    example = build_examples([Conversation(messages, "x")], embedded_tokenizer, template, seq_len=512)
+    ids, labels = example.input_ids[0], example.labels[0]
+    trained = ids[labels != IGNORE_INDEX]
+    assert embedded_tokenizer.decode(trained) == "A count.<|im_end|>"
+    # The untrained prefix is exactly the prompt generation starts from (same text, same ids).
+    prompt = render_prompt(embedded_tokenizer, template, messages)
+    prompt_ids = embedded_tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    assert ids[: len(prompt_ids)].tolist() == prompt_ids
+    assert (labels[: len(prompt_ids)] == IGNORE_INDEX).all()

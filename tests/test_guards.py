@@ -81,3 +81,18 @@ def test_documents_in_blocks_traces_blocks_to_sources():
     assert documents_in_blocks([3, 5, 2], 4, [1]) == [1]
     assert documents_in_blocks([3, 5, 2], 4, [2]) == [1, 2]
     assert documents_in_blocks([3, 5, 2], 4, [0, 2]) == [0, 1, 2]
+
+
+def test_progress_bar_keeps_one_row_across_a_rollback():
+    import io
+
+    from rich.console import Console
+
+    from lorafit.train.progress import training_progress, training_task
+
+    progress = training_progress(Console(file=io.StringIO()))
+    first = training_task(progress, total=8, completed=0)
+    progress.update(first, advance=5)
+    again = training_task(progress, total=8, completed=3)  # rolled back to the step-3 checkpoint
+    assert again == first and len(progress.tasks) == 1
+    assert progress.tasks[0].completed == 3

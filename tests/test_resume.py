@@ -90,13 +90,16 @@ def test_resume_without_checkpoint_is_a_clear_error(tmp_path, resumable_config):
     assert missing.returncode == 2 and "holds no run to resume" in missing.stdout
 
 
-def test_sigterm_finishes_the_step_checkpoints_and_says_how_to_resume(tmp_path, resumable_config):
+@pytest.mark.parametrize(("fault", "name"), [("term_after_step", "SIGTERM"), ("int_after_step", "SIGINT")])
+def test_sigterm_or_ctrl_c_finishes_the_step_checkpoints_and_says_how_to_resume(
+    tmp_path, resumable_config, fault, name
+):
     whole, stopped = tmp_path / "whole", tmp_path / "stopped"
     assert lorafit("train", str(resumable_config), "--out", str(whole)).returncode == 0
-    term = lorafit("train", str(resumable_config), "--out", str(stopped), fault="term_after_step:5")
+    term = lorafit("train", str(resumable_config), "--out", str(stopped), fault=f"{fault}:5")
     assert term.returncode == 130
     message = " ".join(term.stdout.split())
-    assert "Stopped by SIGTERM after step 5" in message and "--resume" in message
+    assert f"Stopped by {name} after step 5" in message and "--resume" in message
     assert "Traceback" not in term.stdout + term.stderr
     assert (stopped / "checkpoints" / "step-5" / "state.json").is_file()  # written although 5 % 3 != 0
     resumed = lorafit("train", str(resumable_config), "--out", str(stopped), "--resume")

@@ -174,6 +174,8 @@ def resample_blocks(blocks: PackedBlocks, count: int, seed: int = 0) -> PackedBl
 def _pack_text(documents: RunDocuments, tokenizer, seq_len: int, stats: dict):
     train_ids = tokenize_cached([d.text for d in documents.train], tokenizer)
     valid_ids = tokenize_cached([d.text for d in documents.valid], tokenizer)
+    if not documents.train and not documents.valid:
+        return None, None
     stats.update(
         train_documents=len(documents.train),
         valid_documents=len(documents.valid),

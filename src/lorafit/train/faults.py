@@ -3,6 +3,7 @@
     LORAFIT_FAULT=kill_after_step:N   the process sends itself SIGKILL right after optimizer step N
                                       (a real, uncatchable crash at a known point)
     LORAFIT_FAULT=term_after_step:N   ... SIGTERM instead (what a scheduler sends before a kill)
+    LORAFIT_FAULT=int_after_step:N    ... SIGINT instead (what Ctrl-C sends)
     LORAFIT_FAULT=oom_at_step:N       step N's first attempt raises torch.OutOfMemoryError
     LORAFIT_FAULT=nan_at_steps:A-B    the loss of steps A..B is NaN the first time each is run
                                       (a rollback that replays them then succeeds)
@@ -36,7 +37,7 @@ def _once(kind: str, step: int) -> bool:
 
 def after_step(step: int) -> None:
     kind, value = _fault()
-    signals = {"kill_after_step": signal.SIGKILL, "term_after_step": signal.SIGTERM}
+    signals = {"kill_after_step": signal.SIGKILL, "term_after_step": signal.SIGTERM, "int_after_step": signal.SIGINT}
     if kind in signals and value.isdigit() and step == int(value):
         os.kill(os.getpid(), signals[kind])
 

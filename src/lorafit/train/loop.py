@@ -23,6 +23,7 @@ from lorafit.evaluate.perplexity import LossResult
 from lorafit.train import faults
 from lorafit.train.batches import BlockStream, BlockTensors
 from lorafit.train.loss import target_count
+from lorafit.train.progress import training_task
 from lorafit.train.schedule import learning_rate, warmup_steps_for
 
 log = logging.getLogger(__name__)
@@ -89,11 +90,7 @@ def train_loop(
     )
     warmup = warmup_steps_for(train.max_steps, train.warmup_steps)
     params = [p for p in objective.parameters() if p.requires_grad]
-    task = (
-        progress.add_task("train", total=train.max_steps, completed=state.step, loss=0.0, lr=0.0, tps=0.0)
-        if progress
-        else None
-    )
+    task = training_task(progress, train.max_steps, state.step)
     objective.train()
 
     while state.step < train.max_steps and not state.stopped_early:

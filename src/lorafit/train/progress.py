@@ -20,3 +20,14 @@ def training_progress(console: Console) -> Progress:
         console=console,
         transient=False,
     )
+
+
+def training_task(progress: Progress | None, total: int, completed: int):
+    """The bar's one task, created on the first call and moved back after a rollback (one row)."""
+    if progress is None:
+        return None
+    for task in progress.tasks:
+        if task.description == "train":
+            progress.reset(task.id, total=total, completed=completed)
+            return task.id
+    return progress.add_task("train", total=total, completed=completed, loss=0.0, lr=0.0, tps=0.0)

@@ -32,6 +32,9 @@ RECORD_FIELDS = (
 )
 
 
+LORA_INITS = ("default", "gaussian", "pissa", "olora", "loftq", "eva")
+
+
 class Section(BaseModel):
     """Base for config sections: unknown keys are errors, assignments are validated."""
 
@@ -43,6 +46,11 @@ class ModelSection(Section):
         "",
         description="Base model: empty for the embedded SmolLM2-135M-Instruct, a local HF folder, "
         "a .gguf file, or a hub id (needs network).",
+    )
+    quantization: Literal["none", "4bit", "8bit"] = Field(
+        "none",
+        description="Load the frozen base quantized with bitsandbytes (CUDA GPU only): '4bit' NF4 with double "
+        "quantization (QLoRA), or '8bit'.",
     )
 
 
@@ -123,8 +131,47 @@ class LoraSection(Section):
     )
     target_modules: list[str] | str = Field(
         "all-linear",
-        description="Module names to adapt (e.g. [q_proj, v_proj]) or 'all-linear'.",
+        description="Module names to adapt (e.g. [q_proj, v_proj]), a regular expression matched against full "
+        "module names, or 'all-linear'.",
     )
+    use_rslora: bool = Field(False, description="Rank-stabilised LoRA: scale the update by alpha/sqrt(r), not alpha/r.")
+    use_dora: bool = Field(
+        False, description="DoRA: a trained magnitude per output row on top of the LoRA direction (slower)."
+    )
+    init: str = Field(
+        "default",
+        description="Adapter initialisation: 'default' (A random, B zero), 'gaussian', 'pissa' (principal singular "
+        "vectors; the base keeps the residual), 'pissa_niter_N' (fast randomised SVD), 'olora', 'loftq' (quantized "
+        "base only), 'eva' (data-driven, from training batches).",
+    )
+    rank_pattern: dict[str, int] = Field(
+        default_factory=dict,
+        description="Ranks for particular layers or modules, by name or regular expression, e.g. "
+        "{'layers\\.0\\.': 32, down_proj: 8}.",
+    )
+    alpha_pattern: dict[str, float] = Field(
+        default_factory=dict, description="Alphas for particular layers or modules, like lora.rank_pattern."
+    )
+    modules_to_save: list[str] = Field(
+        default_factory=list,
+        description="Modules trained in full and saved with the adapter (e.g. [embed_tokens, lm_head] when tokens "
+        "are added).",
+    )
+    bias: Literal["none", "all", "lora_only"] = Field(
+        "none", description="Biases trained: none, all, or those of adapted layers."
+    )
+    plus_ratio: float = Field(
+        0.0,
+        ge=0.0,
+        description="LoRA+: the B matrices learn at train.lr x this ratio (0 = off; the LoRA+ paper uses 16).",
+    )
+
+    @field_validator("init")
+    @classmethod
+    def _init(cls, value: str) -> str:
+        if value in LORA_INITS or (value.startswith("pissa_niter_") and value[len("pissa_niter_") :].isdigit()):
+            return value
+        raise ValueError(f"unknown init {value!r}; use one of {', '.join(LORA_INITS)} or pissa_niter_N")
 
     @field_validator("target_modules")
     @classmethod
@@ -138,6 +185,9 @@ class LoraSection(Section):
 
 
 class TrainSection(Section):
+    method: Literal["lora", "full"] = Field(
+        "lora", description="'lora' trains an adapter; 'full' fine-tunes every weight (a baseline; saves a model)."
+    )
     seq_len: int = Field(512, ge=8, description="Tokens per packed training block.")
     micro_batch_size: int = Field(4, ge=1, description="Blocks per forward/backward pass.")
     grad_accum: int = Field(1, ge=1, description="Micro-batches accumulated per optimizer step.")
@@ -188,11 +238,16 @@ class EvalSection(Section):
         description="Instruction/QA test files (alpaca, chat or ShareGPT JSONL) scored after training, base vs "
         "adapter: exact match, token F1, ROUGE-L, BLEU, and multiple-choice accuracy for records with choices.",
     )
+    general: list[str] = Field(
+        default_factory=list,
+        description="General-text files (JSONL 'text' records or documents) whose perplexity before and after "
+        "training measures forgetting.",
+    )
     task_max_new_tokens: int = Field(128, ge=1, description="Tokens generated per task answer (greedy).")
     task_max_examples: int = Field(0, ge=0, description="Score only the first N task records (0 = all).")
     batch_size: int = Field(16, ge=1, description="Prompts generated together in task evaluation.")
 
-    @field_validator("prompts", "tasks", mode="before")
+    @field_validator("prompts", "tasks", "general", mode="before")
     @classmethod
     def _one_or_many(cls, value: Any) -> Any:
         if value is None or value == "":
@@ -212,6 +267,27 @@ class RunConfig(Section):
     def _needs_data(self) -> RunConfig:
         if not self.data.train:
             raise ValueError("data.train is empty: name the training documents or prepared JSONL files")
+        return self
+
+    @model_validator(mode="after")
+    def _compatible(self) -> RunConfig:
+        """Combinations that cannot work, refused before any work with the fields named."""
+        quantization, lora = self.model.quantization, self.lora
+        if lora.init == "loftq" and quantization != "4bit":
+            raise ValueError(
+                f"lora.init: loftq initialises LoRA against a 4-bit base; set model.quantization: 4bit "
+                f"(now {quantization}) or choose another lora.init"
+            )
+        if self.train.method == "full":
+            if quantization != "none":
+                raise ValueError(
+                    "train.method: full trains every weight, which a quantized base cannot do; "
+                    "set model.quantization: none or train.method: lora"
+                )
+            if lora.plus_ratio:
+                raise ValueError("lora.plus_ratio (LoRA+) applies to LoRA's B matrices; train.method is full")
+        if lora.use_dora and lora.init == "eva":
+            raise ValueError("lora.use_dora with lora.init: eva is not supported by PEFT; drop one of them")
         return self
 
 
@@ -235,7 +311,7 @@ def describe_validation_error(error: ValidationError, source: str) -> str:
     lines = []
     for item in error.errors():
         loc = tuple(str(part) for part in item["loc"])
-        field = ".".join(loc) or "(top level)"
+        field = ".".join(loc)
         if item["type"] == "extra_forbidden":
             hint = _closest(loc[-1], _section_fields(loc[:-1]))
             lines.append(f"{source}: unknown key '{field}'.{hint}")
@@ -243,7 +319,10 @@ def describe_validation_error(error: ValidationError, source: str) -> str:
             given = item.get("input")
             shown = "" if isinstance(given, dict) else f" (got {given!r})"
             message = item["msg"].removeprefix("Value error, ")
-            lines.append(f"{source}: {field}: {message}{shown}.")
+            if not loc:  # a rule across sections: the message names its fields
+                lines.append(f"{source}: {message}.")
+            else:
+                lines.append(f"{source}: {field}: {message}{shown}.")
     return "\n".join(lines)
 
 
@@ -325,7 +404,9 @@ def resolve_data_paths(config: RunConfig, base_dir: Path) -> RunConfig:
     template = config.data.chat_template
     if template.endswith(".jinja") and not Path(template).expanduser().is_absolute():
         data = data.model_copy(update={"chat_template": resolve([template])[0]})
-    evaluation = config.eval.model_copy(update={"tasks": resolve(config.eval.tasks)})
+    evaluation = config.eval.model_copy(
+        update={"tasks": resolve(config.eval.tasks), "general": resolve(config.eval.general)}
+    )
     return config.model_copy(update={"data": data, "eval": evaluation})
 
 

@@ -1,24 +1,25 @@
-"""Save an adapter as a standard PEFT folder plus `lorafit.json` (base identity, config, metrics)."""
+"""Save what a run produced, atomically: an adapter as a standard PEFT folder plus `lorafit.json`
+(base identity, config, metrics), or — for full fine-tuning — a whole transformers model folder."""
 
 from __future__ import annotations
 
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 from lorafit import __version__
 from lorafit.io import write_json_atomic
 
 
-def save_adapter(peft_model, out_dir: Path, metadata: dict) -> Path:
-    """Write the adapter to a temporary folder and rename it into place (never half-written)."""
+def _write_atomically(out_dir: Path, write: Callable[[Path], None]) -> Path:
+    """Fill a temporary sibling folder with `write`, then rename it into place (never half-written)."""
     out_dir = Path(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}-", dir=out_dir.parent))
     try:
-        peft_model.save_pretrained(staging, safe_serialization=True)
-        write_json_atomic(staging / "lorafit.json", {"lorafit_version": __version__, **metadata})
+        write(staging)
         if out_dir.exists():
             backup = out_dir.with_name(f".{out_dir.name}-old")
             shutil.rmtree(backup, ignore_errors=True)
@@ -30,3 +31,43 @@ def save_adapter(peft_model, out_dir: Path, metadata: dict) -> Path:
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return out_dir
+
+
+def save_initial_adapter(peft_model, out_dir: Path) -> Path:
+    """The adapter as initialised, for PiSSA/OLoRA: PEFT subtracts it when converting the trained
+    adapter into a plain LoRA that applies to the untouched base weights."""
+    config = peft_model.peft_config["default"]
+    init = config.init_lora_weights
+    config.init_lora_weights = True  # loading it must not run the SVD again
+    try:
+        return _write_atomically(out_dir, lambda folder: peft_model.save_pretrained(folder, safe_serialization=True))
+    finally:
+        config.init_lora_weights = init
+
+
+def save_adapter(peft_model, out_dir: Path, metadata: dict, initial_adapter: Path | None = None) -> Path:
+    """PEFT folder + lorafit.json. With `initial_adapter` (PiSSA/OLoRA), the saved adapter is
+    converted to a plain LoRA of twice the rank that applies to the original base weights."""
+
+    def write(folder: Path) -> None:
+        extra = {"path_initial_model_for_weight_conversion": str(initial_adapter)} if initial_adapter else {}
+        peft_model.save_pretrained(folder, safe_serialization=True, **extra)
+        write_json_atomic(folder / "lorafit.json", {"lorafit_version": __version__, **metadata})
+
+    return _write_atomically(out_dir, write)
+
+
+def save_full_model(model, tokenizer, out_dir: Path, metadata: dict) -> Path:
+    """A fully fine-tuned model as a plain transformers folder (safetensors, tokenizer, template)."""
+
+    def write(folder: Path) -> None:
+        model.save_pretrained(folder, safe_serialization=True)
+        tokenizer.save_pretrained(folder)
+        write_json_atomic(folder / "lorafit.json", {"lorafit_version": __version__, **metadata})
+
+    return _write_atomically(out_dir, write)
+
+
+def folder_bytes(folder: Path, pattern: str = "*.safetensors") -> int:
+    """Size on disk of the weight files in `folder`."""
+    return sum(path.stat().st_size for path in Path(folder).glob(pattern))

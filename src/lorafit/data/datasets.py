@@ -265,3 +265,15 @@ def _join(text: PackedBlocks | None, instructions: PackedBlocks | None, offset: 
     if instructions is None:
         return text
     return concatenate_blocks(text, instructions, offset)
+
+
+def load_text_blocks(paths: list[str], text_field: str, tokenizer, seq_len: int) -> PackedBlocks:
+    """Evaluation text (e.g. general English for forgetting) as validation-style blocks: every
+    token scored. JSONL records are used as they are; raw documents are read like `prepare` reads them."""
+    problems = Problems()
+    files = find_files(paths)
+    documents, _ = load_prepared_jsonl(files, text_field, problems)
+    if not documents:
+        raise DataError(f"No text in {', '.join(paths)}; check eval.general and data.text_field.")
+    ids = tokenize_cached([d.text for d in documents], tokenizer)
+    return pack_documents(ids, tokenizer.eos_token_id, seq_len, keep_tail=True)

@@ -1,5 +1,4 @@
-"""Greedy generations, batched, and base vs adapter side by side (the base is the same weights
-with the adapter disabled, so no second model is loaded)."""
+"""Greedy generation, batched, from already-rendered prompts."""
 
 from __future__ import annotations
 
@@ -66,17 +65,6 @@ def greedy_generate(
                 new = new[: new.index(tokenizer.eos_token_id)]
             answers[index] = tokenizer.decode(new, skip_special_tokens=True).strip()
     return answers
-
-
-def side_by_side(
-    peft_model, tokenizer, prompts: list[str], max_new_tokens: int, device: torch.device, autocast=nullcontext
-) -> list[dict]:
-    """[{prompt, base, adapter}] for rendered prompts."""
-    with generation_mode(peft_model):
-        with peft_model.disable_adapter():
-            base = greedy_generate(peft_model, tokenizer, prompts, max_new_tokens, device, autocast)
-        adapted = greedy_generate(peft_model, tokenizer, prompts, max_new_tokens, device, autocast)
-    return [{"prompt": p, "base": b, "adapter": a} for p, b, a in zip(prompts, base, adapted)]
 
 
 def default_prompt(text: str, words: int = 40) -> str:

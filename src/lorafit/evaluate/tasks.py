@@ -13,14 +13,14 @@ from pathlib import Path
 
 import torch
 
-from lorafit.config import DataSection, EvalSection
+from lorafit.config import DataSection
 from lorafit.data.chat_template import ChatTemplate, render_prompt
 from lorafit.data.datasets import file_format
 from lorafit.data.documents import Problems
 from lorafit.data.formats import Conversation, field_names, read_conversations
 from lorafit.data.readers import find_files
 from lorafit.errors import DataError
-from lorafit.evaluate.generate import generation_mode, greedy_generate
+from lorafit.evaluate.generate import greedy_generate
 from lorafit.evaluate.metrics import answer_metrics
 
 
@@ -79,13 +79,12 @@ def score_model(
     open_records = [r for r in records if r.choices is None]
     mc_records = [r for r in records if r.choices is not None]
     prompts = [render_prompt(tokenizer, template, r.messages) for r in open_records]
-    with generation_mode(model):
-        answers = greedy_generate(model, tokenizer, prompts, max_new_tokens, device, autocast, batch_size)
-        picks = []
-        for record in mc_records:
-            prompt = render_prompt(tokenizer, template, record.messages)
-            scores = choice_log_likelihoods(model, tokenizer, prompt, record.choices, device, autocast)
-            picks.append(max(range(len(scores)), key=scores.__getitem__))
+    answers = greedy_generate(model, tokenizer, prompts, max_new_tokens, device, autocast, batch_size)
+    picks = []
+    for record in mc_records:
+        prompt = render_prompt(tokenizer, template, record.messages)
+        scores = choice_log_likelihoods(model, tokenizer, prompt, record.choices, device, autocast)
+        picks.append(max(range(len(scores)), key=scores.__getitem__))
     metrics: dict = {}
     if open_records:
         metrics.update(answer_metrics(answers, [r.messages[-1]["content"] for r in open_records]))
@@ -93,55 +92,3 @@ def score_model(
         metrics["mc_accuracy"] = sum(p == r.answer for p, r in zip(picks, mc_records)) / len(mc_records)
         metrics["mc_count"] = len(mc_records)
     return metrics, answers, picks
-
-
-def score_task_files(
-    peft_model,
-    tokenizer,
-    template: ChatTemplate,
-    evaluation: EvalSection,
-    data: DataSection,
-    device: torch.device,
-    autocast=nullcontext,
-) -> dict:
-    """Base (adapter disabled) and adapter on `evaluation.tasks`: metrics and every answer side by side."""
-    problems = Problems()
-    records = load_task_records(evaluation.tasks, data, problems)
-    if evaluation.task_max_examples:
-        records = records[: evaluation.task_max_examples]
-    if not records:
-        raise DataError(f"No usable task records in {', '.join(evaluation.tasks)}; check eval.tasks.")
-    settings = (evaluation.task_max_new_tokens, evaluation.batch_size, device, autocast)
-    with peft_model.disable_adapter():
-        base_metrics, base_answers, base_picks = score_model(peft_model, tokenizer, template, records, *settings)
-    adapter_metrics, adapter_answers, adapter_picks = score_model(peft_model, tokenizer, template, records, *settings)
-    rows = []
-    open_records = [r for r in records if r.choices is None]
-    for record, base, adapted in zip(open_records, base_answers, adapter_answers):
-        rows.append(
-            {
-                "source": record.source,
-                "prompt": record.messages[-2]["content"],
-                "reference": record.messages[-1]["content"],
-                "base": base,
-                "adapter": adapted,
-            }
-        )
-    mc_records = [r for r in records if r.choices is not None]
-    for record, base, adapted in zip(mc_records, base_picks, adapter_picks):
-        rows.append(
-            {
-                "source": record.source,
-                "prompt": record.messages[-1]["content"],
-                "reference": record.choices[record.answer],
-                "base": record.choices[base],
-                "adapter": record.choices[adapted],
-            }
-        )
-    return {
-        "files": list(evaluation.tasks),
-        "max_new_tokens": evaluation.task_max_new_tokens,
-        "metrics": {"base": base_metrics, "adapter": adapter_metrics},
-        "skipped": [{"where": p.where, "message": p.message} for p in problems.items],
-        "answers": rows,
-    }

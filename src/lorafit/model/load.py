@@ -112,11 +112,12 @@ def load_tokenizer(ref: BaseModelRef):
     return tokenizer
 
 
-def load_causal_lm(ref: BaseModelRef, dtype: torch.dtype = torch.float32):
+def load_causal_lm(ref: BaseModelRef, dtype: torch.dtype = torch.float32, quantization_config=None):
     from transformers import AutoModelForCausalLM
 
+    extra = {"quantization_config": quantization_config, "device_map": {"": 0}} if quantization_config else {}
     try:
-        model = AutoModelForCausalLM.from_pretrained(ref.path, dtype=dtype, attn_implementation="sdpa")
+        model = AutoModelForCausalLM.from_pretrained(ref.path, dtype=dtype, attn_implementation="sdpa", **extra)
     except OSError as exc:
         if ref.path == ref.spec and not Path(ref.spec).exists():
             raise _hub_failure(ref, exc) from None

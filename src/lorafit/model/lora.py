@@ -1,8 +1,11 @@
-"""LoRA through PEFT, and the trainable-parameter report."""
+"""LoRA through PEFT: the config keys mapped onto `LoraConfig`, checked against the model first,
+and the trainable-parameter report."""
 
 from __future__ import annotations
 
+import re
 from collections import defaultdict
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import torch
@@ -10,47 +13,149 @@ import torch
 from lorafit.config import LoraSection
 from lorafit.errors import ConfigError
 
+# Regular-expression characters: a target_modules string holding one is a pattern, not a list of names.
+_REGEX_CHARS = set(".*+?[](){}|^$\\")
+# Inits that move part of the base weights into the adapter: the in-memory base is changed, and the
+# saved adapter is converted back to plain LoRA against the untouched base (PEFT's conversion).
+BASE_CHANGING_INITS = ("pissa", "olora")
+
 
 def linear_module_names(model: torch.nn.Module) -> list[str]:
     """Short names of the linear layers that LoRA can adapt (e.g. q_proj, down_proj)."""
     return sorted({name.rsplit(".", 1)[-1] for name, mod in model.named_modules() if isinstance(mod, torch.nn.Linear)})
 
 
-def check_targets(model: torch.nn.Module, targets: list[str] | str) -> None:
-    if targets == "all-linear":
-        return
+def is_pattern(targets: list[str] | str) -> bool:
+    return isinstance(targets, str) and targets != "all-linear" and bool(_REGEX_CHARS & set(targets))
+
+
+def _matches_suffix(key: str, names: Iterable[str]) -> bool:
+    """PEFT's rule for rank_pattern/alpha_pattern keys: the key matches the end of a module name."""
+    pattern = re.compile(rf"(.*\.)?({key})$")
+    return any(pattern.match(name) for name in names)
+
+
+def check_lora_against_model(model: torch.nn.Module, lora: LoraSection) -> None:
+    """Refuse, before any work, names and patterns that match nothing (listing what exists)."""
     existing = linear_module_names(model)
-    missing = [t for t in targets if t not in existing]
+    module_names = [name for name, _ in model.named_modules() if name]
+    listing = f"linear layers here: {', '.join(existing)} (or use 'all-linear')"
+    targets = lora.target_modules
+    if is_pattern(targets):
+        try:
+            compiled = re.compile(targets)
+        except re.error as exc:
+            raise ConfigError(f"lora.target_modules: {targets!r} is not a valid regular expression ({exc}).") from None
+        linear = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
+        if not any(compiled.fullmatch(name) for name in linear):
+            raise ConfigError(
+                f"lora.target_modules: the pattern {targets!r} matches no linear layer's full name "
+                f"(e.g. {linear[0]}); {listing}."
+            )
+    elif targets != "all-linear":
+        missing = [t for t in targets if t not in existing]
+        if missing:
+            raise ConfigError(f"lora.target_modules: {missing} match no layer of this model; {listing}.")
+    for key in ("rank_pattern", "alpha_pattern"):
+        for pattern in getattr(lora, key):
+            if not _matches_suffix(pattern, module_names):
+                raise ConfigError(f"lora.{key}: {pattern!r} matches no module of this model; {listing}.")
+    short_names = {name.rsplit(".", 1)[-1] for name in module_names}
+    missing = [m for m in lora.modules_to_save if m not in short_names]
     if missing:
         raise ConfigError(
-            f"lora.target_modules: {missing} match no layer of this model; "
-            f"linear layers here: {', '.join(existing)} (or use 'all-linear')."
+            f"lora.modules_to_save: {missing} are not modules of this model (e.g. embed_tokens, lm_head, "
+            f"{existing[0]})."
         )
 
 
-def apply_lora(model: torch.nn.Module, lora: LoraSection, under_autocast: bool = False):
+def peft_lora_config(lora: LoraSection):
+    from peft import EvaConfig, LoraConfig
+
+    init: bool | str = True if lora.init == "default" else lora.init
+    if lora.init == "loftq":
+        init = True  # LoftQ replaces the weights after wrapping (replace_lora_weights_loftq)
+    targets = lora.target_modules
+    return LoraConfig(
+        r=lora.r,
+        lora_alpha=lora.alpha,
+        lora_dropout=lora.dropout,
+        target_modules=targets if targets == "all-linear" or is_pattern(targets) else list(targets),
+        use_rslora=lora.use_rslora,
+        use_dora=lora.use_dora,
+        init_lora_weights=init,
+        rank_pattern=dict(lora.rank_pattern),
+        alpha_pattern=dict(lora.alpha_pattern),
+        modules_to_save=list(lora.modules_to_save) or None,
+        bias=lora.bias,
+        eva_config=EvaConfig() if lora.init == "eva" else None,
+        task_type="CAUSAL_LM",
+    )
+
+
+def apply_lora(
+    model: torch.nn.Module,
+    lora: LoraSection,
+    under_autocast: bool = False,
+    init_batches: Iterable[dict] | None = None,
+    weights_path: str | None = None,
+):
     """Wrap `model` in a PEFT LoRA model; adapter weights are kept in fp32 even on a bf16 base.
 
     `under_autocast`: the model always runs inside bf16 autocast, so PEFT's cast of every LoRA
     input to fp32 is only a copy (autocast casts it back) that is also kept for backward:
     switching it off saves ~2 GB and ~10% time for all-linear LoRA at 4 x 512 tokens.
+    `init_batches`: training batches for the data-driven EVA init. `weights_path`: the base's
+    safetensors folder, for LoftQ on a 4-bit base.
     """
-    from peft import LoraConfig, get_peft_model
+    from peft import get_peft_model
 
-    check_targets(model, lora.target_modules)
-    peft_config = LoraConfig(
-        r=lora.r,
-        lora_alpha=lora.alpha,
-        lora_dropout=lora.dropout,
-        target_modules=lora.target_modules,
-        task_type="CAUSAL_LM",
+    check_lora_against_model(model, lora)
+    peft_model = get_peft_model(
+        model, peft_lora_config(lora), autocast_adapter_dtype=True, low_cpu_mem_usage=lora.init == "eva"
     )
-    peft_model = get_peft_model(model, peft_config, autocast_adapter_dtype=True)
+    if lora.init == "eva":
+        from peft import initialize_lora_eva_weights
+
+        if init_batches is None:
+            raise ValueError("the EVA init needs training batches")
+        with torch.no_grad():
+            initialize_lora_eva_weights(peft_model, dataloader=list(init_batches), show_progress_bar=False)
+    if lora.init == "loftq":
+        from peft import replace_lora_weights_loftq
+
+        replace_lora_weights_loftq(peft_model, model_path=weights_path)
     if under_autocast:
         for module in peft_model.modules():
             if hasattr(module, "cast_input_dtype_enabled"):
                 module.cast_input_dtype_enabled = False
     return peft_model
+
+
+def changes_base_weights(lora: LoraSection) -> bool:
+    return lora.init.startswith(BASE_CHANGING_INITS)
+
+
+def optimizer_groups(model: torch.nn.Module, plus_ratio: float = 0.0) -> list[dict]:
+    """Trainable parameters as AdamW groups. With LoRA+ (`plus_ratio` > 0) the B matrices form their
+    own group whose learning rate is the schedule's times the ratio (the loop reads `lr_scale`)."""
+    trainable = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
+    if not plus_ratio:
+        return [{"params": [p for _, p in trainable], "lr_scale": 1.0}]
+    b_matrices = [p for name, p in trainable if ".lora_B." in name]
+    others = [p for name, p in trainable if ".lora_B." not in name]
+    return [{"params": others, "lr_scale": 1.0}, {"params": b_matrices, "lr_scale": plus_ratio}]
+
+
+# Parts of a PEFT parameter name that are wrappers, not the module the parameter belongs to.
+_WRAPPER_PARTS = {"lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B", "lora_magnitude_vector"}
+_WRAPPER_PARTS |= {"base_layer", "modules_to_save", "original_module", "default", "weight", "bias"}
+
+
+def module_type(parameter_name: str) -> str:
+    """'base_model.model.model.layers.3.self_attn.q_proj.lora_A.default.weight' -> 'q_proj'."""
+    parts = [p for p in parameter_name.split(".") if p not in _WRAPPER_PARTS and not p.isdigit()]
+    return parts[-1] if parts else parameter_name
 
 
 @dataclass
@@ -73,15 +178,12 @@ class ParameterReport:
 
 
 def parameter_report(model: torch.nn.Module) -> ParameterReport:
-    """Trainable/total parameters, with trainable ones grouped by module type (q_proj, ...)."""
+    """Trainable/total parameters, with trainable ones grouped by module type (q_proj, embed_tokens...)."""
     by_module: dict[str, int] = defaultdict(int)
     trainable = total = 0
     for name, param in model.named_parameters():
         total += param.numel()
         if param.requires_grad:
             trainable += param.numel()
-            parts = name.split(".")
-            # "...layers.3.self_attn.q_proj.lora_A.default.weight" -> "q_proj"
-            owner = next((parts[i - 1] for i, p in enumerate(parts) if p.startswith("lora_")), parts[-2])
-            by_module[owner] += param.numel()
+            by_module[module_type(name)] += param.numel()
     return ParameterReport(trainable=trainable, total=total, by_module=dict(sorted(by_module.items())))

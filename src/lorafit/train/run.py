@@ -15,20 +15,22 @@ import numpy as np
 import torch
 from rich.console import Console
 
-from lorafit.adapters.save import save_adapter
+from lorafit.adapters.save import folder_bytes, save_adapter, save_full_model, save_initial_adapter
 from lorafit.config import RunConfig, config_to_yaml
 from lorafit.data.chat_template import render_prompt, resolve_chat_template
-from lorafit.data.datasets import load_run_documents, pack_run_documents
+from lorafit.data.datasets import load_run_documents, load_text_blocks, pack_run_documents
+from lorafit.data.documents import Problems
 from lorafit.data.pack import PackedBlocks
-from lorafit.errors import ConfigError, LorafitError, TrainingInterruptedError, UsageError
-from lorafit.evaluate.generate import default_prompt, side_by_side
+from lorafit.errors import ConfigError, DataError, LorafitError, TrainingInterruptedError, UsageError
+from lorafit.evaluate.compare import generation_rows, model_outputs, task_report
+from lorafit.evaluate.generate import default_prompt
 from lorafit.evaluate.perplexity import LossResult, evaluate_loss
-from lorafit.evaluate.tasks import score_task_files
+from lorafit.evaluate.tasks import load_task_records
 from lorafit.io import append_jsonl, write_json_atomic, write_text_atomic
-from lorafit.model.attention import use_block_causal_attention
-from lorafit.model.dropout import use_int16_mask_dropout
-from lorafit.model.load import load_causal_lm, load_model_config, load_tokenizer, resolve_base, weights_fingerprint
-from lorafit.model.lora import apply_lora, parameter_report
+from lorafit.model.load import load_model_config, load_tokenizer, resolve_base, weights_fingerprint
+from lorafit.model.lora import changes_base_weights, optimizer_groups
+from lorafit.model.prepare import prepare_trainable_model
+from lorafit.model.quantize import check_quantization
 from lorafit.train.batches import BlockTensors
 from lorafit.train.checkpoint import (
     changed_fingerprints,
@@ -40,10 +42,12 @@ from lorafit.train.checkpoint import (
 from lorafit.train.guards import StopRequests
 from lorafit.train.loop import LoopState, UnstableTrainingError, record_validation, restore_trainable, train_loop
 from lorafit.train.objective import CausalLMObjective
-from lorafit.train.precision import autocast_context, resolve_precision, weight_dtype
+from lorafit.train.precision import autocast_context, resolve_precision
 from lorafit.train.progress import training_progress
 
 log = logging.getLogger(__name__)
+
+EVA_INIT_BLOCKS = 64  # training blocks shown to the data-driven EVA init
 
 
 @dataclass
@@ -180,6 +184,7 @@ def run_training(
 
     seed_everything(train_cfg.seed)
 
+    check_quantization(config.model.quantization, device)  # before any work
     ref = resolve_base(config.model.base)
     check_seq_len(train_cfg.seq_len, load_model_config(ref))  # before any expensive work
     tokenizer = load_tokenizer(ref)
@@ -202,25 +207,45 @@ def run_training(
         f"{len(train_blocks)} blocks of {train_cfg.seq_len}"
     )
 
-    model = load_causal_lm(ref, weight_dtype(precision))
-    if device.type == "cpu" and precision == "bf16":
-        use_block_causal_attention(model)
-    model = apply_lora(model, config.lora, under_autocast=precision == "bf16")
-    if device.type == "cpu":
-        use_int16_mask_dropout(model)
-    if train_cfg.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        model.enable_input_require_grads()
-    report = parameter_report(model)
-    console.print(
-        f"[bold]trainable[/] {report.trainable:,} of {report.total:,} parameters ({report.percent:.3f}%)  "
-        + "  ".join(f"{name} {count:,}" for name, count in report.by_module.items())
+    task_problems = Problems()
+    task_records = load_task_records(config.eval.tasks, config.data, task_problems) if config.eval.tasks else []
+    if config.eval.task_max_examples:
+        task_records = task_records[: config.eval.task_max_examples]
+    if config.eval.tasks and not task_records:
+        raise DataError(f"No usable task records in {', '.join(config.eval.tasks)}; check eval.tasks.")
+    report_problems(console, task_problems.items)
+    general_blocks = (
+        load_text_blocks(config.eval.general, config.data.text_field, tokenizer, train_cfg.seq_len)
+        if config.eval.general
+        else None
     )
+
+    train_tensor = BlockTensors.from_packed(train_blocks)
+    trainable = prepare_trainable_model(
+        config,
+        ref,
+        precision,
+        device,
+        init_batches=lambda: (
+            train_tensor.batch(torch.arange(i, min(i + train_cfg.micro_batch_size, len(train_tensor))), device)
+            for i in range(0, min(len(train_tensor), EVA_INIT_BLOCKS), train_cfg.micro_batch_size)
+        ),
+    )
+    model, report = trainable.model, trainable.report
+    console.print(
+        f"[bold]{trainable.method}[/] {report.trainable:,} of {report.total:,} parameters trainable "
+        f"({report.percent:.3f}%)  " + "  ".join(f"{name} {count:,}" for name, count in report.by_module.items())
+    )
+    initial_adapter = None
+    if trainable.method == "lora" and changes_base_weights(config.lora) and accelerator.is_main_process:
+        initial_adapter = save_initial_adapter(model, out_dir / "adapter-init")
 
     compute_dtype = torch.bfloat16 if precision == "bf16" else torch.float32
     objective = CausalLMObjective(model, compute_dtype, train_cfg.loss_chunk_tokens)
     optimizer = torch.optim.AdamW(
-        [p for p in model.parameters() if p.requires_grad], lr=train_cfg.lr, weight_decay=train_cfg.weight_decay
+        optimizer_groups(model, config.lora.plus_ratio if trainable.method == "lora" else 0.0),
+        lr=train_cfg.lr,
+        weight_decay=train_cfg.weight_decay,
     )
     objective, optimizer = accelerator.prepare(objective, optimizer)
 
@@ -229,11 +254,17 @@ def run_training(
     def validate(blocks=capped_valid) -> LossResult:
         return evaluate_loss(objective, blocks, train_cfg.micro_batch_size, device, autocast)
 
+    capped_general = general_blocks.head(train_cfg.eval_max_blocks) if general_blocks is not None else None
+    shown_prompts, fed_prompts = generation_prompts(config, documents, tokenizer, template)
+
+    def outputs_now() -> dict:
+        return model_outputs(tuned_model, tokenizer, template, fed_prompts, task_records, config.eval, device, autocast)
+
     def log_metrics(record: dict) -> None:
         if accelerator.is_main_process:
             append_jsonl(metrics_path, record)
 
-    peft_model = accelerator.unwrap_model(objective).model
+    tuned_model = accelerator.unwrap_model(objective).model
     fingerprints = input_fingerprints(config, train_blocks, valid_blocks, weights_fingerprint(ref))
     state, position, resumed_from = None, None, None
     if resume is not None:
@@ -248,6 +279,8 @@ def run_training(
         state, record = load_checkpoint(checkpoint, accelerator.unwrap_model(objective), optimizer)
         position, resumed_from = record["position"], str(checkpoint)
         before = LossResult(**record["before"])
+        general_before = LossResult(**record["general_before"]) if record.get("general_before") else None
+        base_outputs = json.loads((out_dir / "base_outputs.json").read_text())
         keep_metrics_up_to(metrics_path, state.step)
         console.print(f"resuming from {checkpoint} (step {state.step})")
     else:
@@ -257,6 +290,12 @@ def run_training(
         console.print("measuring validation perplexity of the base model...")
         before = validate(valid_blocks)
         log_metrics({"step": 0, "valid_loss": round(before.loss, 6), "valid_ppl": round(before.perplexity, 4)})
+        general_before = validate(capped_general) if capped_general is not None else None
+        # The base model's answers, taken now: the set-up model still computes the base function.
+        if task_records:
+            console.print(f"scoring the base model on {len(task_records)} task records...")
+        base_outputs = outputs_now()
+        write_json_atomic(out_dir / "base_outputs.json", base_outputs)
     console.print(
         f"[bold]valid ppl before[/] {before.perplexity:.3f}  (loss {before.loss:.4f}, {before.tokens:,} tokens)"
     )
@@ -273,8 +312,13 @@ def run_training(
                 "position": position,
                 "fingerprints": fingerprints,
                 "before": {"nll_sum": before.nll_sum, "tokens": before.tokens},
+                "general_before": None
+                if general_before is None
+                else {"nll_sum": general_before.nll_sum, "tokens": general_before.tokens},
             },
-            save_adapter_to=lambda folder: save_adapter(peft_model, folder, {"step": state.step}),
+            save_adapter_to=None
+            if trainable.method == "full"
+            else lambda folder: save_adapter(tuned_model, folder, {"step": state.step}, initial_adapter),
             keep=train_cfg.keep_checkpoints,
         )
 
@@ -291,7 +335,6 @@ def run_training(
         docs = sorted({member for block in block_ids for member in train_blocks.members[block]})
         return ", ".join(blocks.sources[i] for i in docs[:5]) + (" ..." if len(docs) > 5 else "")
 
-    train_tensor = BlockTensors.from_packed(train_blocks)
     rollbacks = 0
     with StopRequests() as stop_requested, training_progress(console) as progress:
         while True:
@@ -372,37 +415,46 @@ def run_training(
         "train_tokens": state.tokens_seen,
         "train_seconds": state.train_seconds,
         "tokens_per_second": state.tokens_seen / max(state.train_seconds, 1e-9),
+        "method": trainable.method,
         "trainable_parameters": report.as_dict(),
         "data": data_stats,
         "data_problems": [
             {"where": p.where, "reason": p.reason, "message": p.message} for p in documents.problems.items
         ],
     }
-    if accelerator.is_main_process:
-        save_adapter(
-            peft_model,
-            out_dir / "adapter",
-            {
-                "base_model": {
-                    "spec": ref.spec,
-                    "name": ref.name,
-                    "path": ref.path,
-                    "weights_fingerprint": weights_fingerprint(ref),
-                },
-                "config": config.model_dump(mode="json"),
-                "chat_template": None if template is None else {"origin": template.origin, "text": template.text},
-                "data": data_stats,
-                "metrics": {k: summary[k] for k in ("valid_ppl_before", "valid_ppl_after", "steps", "train_tokens")},
-            },
+    if general_before is not None:
+        general_after = validate(capped_general)
+        summary.update(
+            general_ppl_before=general_before.perplexity,
+            general_ppl_after=general_after.perplexity,
+            general_ppl_change_percent=100.0 * (general_after.perplexity / general_before.perplexity - 1.0),
         )
-        shown, prompts = generation_prompts(config, documents, tokenizer, template)
-        generations = side_by_side(peft_model, tokenizer, prompts, config.eval.max_new_tokens, device, autocast)
-        for row, question in zip(generations, shown):
-            row["rendered_prompt"], row["prompt"] = row["prompt"], question
-        summary["generations"] = generations
-        if config.eval.tasks:
-            console.print(f"scoring the base model and the adapter on {', '.join(config.eval.tasks)}...")
-            tasks = score_task_files(peft_model, tokenizer, template, config.eval, config.data, device, autocast)
+    if accelerator.is_main_process:
+        metadata = {
+            "base_model": {
+                "spec": ref.spec,
+                "name": ref.name,
+                "path": ref.path,
+                "weights_fingerprint": weights_fingerprint(ref),
+            },
+            "config": config.model_dump(mode="json"),
+            "chat_template": None if template is None else {"origin": template.origin, "text": template.text},
+            "data": data_stats,
+            "metrics": {k: summary[k] for k in ("valid_ppl_before", "valid_ppl_after", "steps", "train_tokens")},
+        }
+        if trainable.method == "full":
+            saved = save_full_model(tuned_model, tokenizer, out_dir / "model", metadata)
+        else:
+            saved = save_adapter(tuned_model, out_dir / "adapter", metadata, initial_adapter)
+        summary["saved_to"] = str(saved)
+        summary["saved_bytes"] = folder_bytes(saved)
+        if task_records:
+            console.print(f"scoring the {trainable.method} model on {len(task_records)} task records...")
+        tuned_outputs = outputs_now()
+        summary["generations"] = generation_rows(shown_prompts, fed_prompts, base_outputs, tuned_outputs)
+        if task_records:
+            tasks = task_report(task_records, base_outputs, tuned_outputs, config.eval)
+            tasks["skipped"] = [{"where": p.where, "message": p.message} for p in task_problems.items]
             write_json_atomic(out_dir / "tasks.json", tasks)
             summary["tasks"] = tasks["metrics"]
         summary["peak_rss_mb"] = peak_rss_mb()

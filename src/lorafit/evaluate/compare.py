@@ -1,0 +1,89 @@
+"""Base vs tuned model, side by side: greedy generations and task scores.
+
+The base side is measured *before* training on the model as set up — an adapter at its
+initialisation computes the base model's function (B = 0; PiSSA/OLoRA split the weights exactly),
+and full fine-tuning has not moved a weight yet. That holds for every method, where disabling the
+adapter afterwards would not (PiSSA leaves only the residual in the base weights).
+"""
+
+from __future__ import annotations
+
+from contextlib import nullcontext
+
+import torch
+
+from lorafit.config import EvalSection
+from lorafit.data.chat_template import ChatTemplate
+from lorafit.data.formats import Conversation
+from lorafit.evaluate.generate import generation_mode, greedy_generate
+from lorafit.evaluate.tasks import score_model
+
+
+def model_outputs(
+    model,
+    tokenizer,
+    template: ChatTemplate | None,
+    prompts: list[str],
+    records: list[Conversation],
+    evaluation: EvalSection,
+    device: torch.device,
+    autocast=nullcontext,
+) -> dict:
+    """What one model says: {'generations': [...], 'tasks': {'metrics', 'answers', 'picks'}} (JSON-ready)."""
+    with generation_mode(model):
+        outputs: dict = {
+            "generations": greedy_generate(model, tokenizer, prompts, evaluation.max_new_tokens, device, autocast)
+        }
+        if records and template is not None:
+            metrics, answers, picks = score_model(
+                model,
+                tokenizer,
+                template,
+                records,
+                evaluation.task_max_new_tokens,
+                evaluation.batch_size,
+                device,
+                autocast,
+            )
+            outputs["tasks"] = {"metrics": metrics, "answers": answers, "picks": picks}
+    return outputs
+
+
+def generation_rows(shown: list[str], fed: list[str], base: dict, tuned: dict) -> list[dict]:
+    """[{prompt, rendered_prompt, base, adapter}] for the summary and the console."""
+    return [
+        {"prompt": question, "rendered_prompt": prompt, "base": b, "adapter": a}
+        for question, prompt, b, a in zip(shown, fed, base["generations"], tuned["generations"])
+    ]
+
+
+def task_report(records: list[Conversation], base: dict, tuned: dict, evaluation: EvalSection) -> dict:
+    """tasks.json: metrics of both sides and every answer side by side."""
+    open_records = [r for r in records if r.choices is None]
+    mc_records = [r for r in records if r.choices is not None]
+    rows = [
+        {
+            "source": record.source,
+            "prompt": record.messages[-2]["content"],
+            "reference": record.messages[-1]["content"],
+            "base": b,
+            "adapter": a,
+        }
+        for record, b, a in zip(open_records, base["tasks"]["answers"], tuned["tasks"]["answers"])
+    ]
+    rows += [
+        {
+            "source": record.source,
+            "prompt": record.messages[-1]["content"],
+            "reference": record.choices[record.answer],
+            "base": record.choices[b],
+            "adapter": record.choices[a],
+        }
+        for record, b, a in zip(mc_records, base["tasks"]["picks"], tuned["tasks"]["picks"])
+    ]
+    return {
+        "files": list(evaluation.tasks),
+        "max_new_tokens": evaluation.task_max_new_tokens,
+        "metrics": {"base": base["tasks"]["metrics"], "adapter": tuned["tasks"]["metrics"]},
+        "answers": rows,
+    }

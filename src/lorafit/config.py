@@ -32,6 +32,15 @@ RECORD_FIELDS = (
 )
 
 
+# Regular-expression characters: a target_modules string holding one is a pattern, not a list of names.
+_REGEX_CHARS = set(".*+?[](){}|^$\\")
+
+
+def is_module_pattern(targets: list[str] | str) -> bool:
+    """True for a lora.target_modules regular expression (matched against full module names)."""
+    return isinstance(targets, str) and targets != "all-linear" and bool(_REGEX_CHARS & set(targets))
+
+
 LORA_INITS = ("default", "gaussian", "pissa", "olora", "loftq", "eva")
 
 
@@ -177,7 +186,7 @@ class LoraSection(Section):
     @classmethod
     def _targets(cls, value: list[str] | str) -> list[str] | str:
         if isinstance(value, str):
-            if value != "all-linear":
+            if value != "all-linear" and not is_module_pattern(value):
                 return [part.strip() for part in value.split(",") if part.strip()]
         elif not value:
             raise ValueError("needs at least one module name, or 'all-linear'")

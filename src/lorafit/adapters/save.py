@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 
@@ -51,7 +52,11 @@ def save_adapter(peft_model, out_dir: Path, metadata: dict, initial_adapter: Pat
 
     def write(folder: Path) -> None:
         extra = {"path_initial_model_for_weight_conversion": str(initial_adapter)} if initial_adapter else {}
-        peft_model.save_pretrained(folder, safe_serialization=True, **extra)
+        with warnings.catch_warnings():
+            # PEFT loads the initial adapter beside the trained one to convert it, and warns that
+            # PiSSA/OLoRA should not be mixed with other adapters: the conversion is the remedy.
+            warnings.filterwarnings("ignore", message=".*changes the base weights of the model.*")
+            peft_model.save_pretrained(folder, safe_serialization=True, **extra)
         write_json_atomic(folder / "lorafit.json", {"lorafit_version": __version__, **metadata})
 
     return _write_atomically(out_dir, write)

@@ -10,11 +10,9 @@ from dataclasses import dataclass
 
 import torch
 
-from lorafit.config import LoraSection
+from lorafit.config import LoraSection, is_module_pattern
 from lorafit.errors import ConfigError
 
-# Regular-expression characters: a target_modules string holding one is a pattern, not a list of names.
-_REGEX_CHARS = set(".*+?[](){}|^$\\")
 # Inits that move part of the base weights into the adapter: the in-memory base is changed, and the
 # saved adapter is converted back to plain LoRA against the untouched base (PEFT's conversion).
 BASE_CHANGING_INITS = ("pissa", "olora")
@@ -23,10 +21,6 @@ BASE_CHANGING_INITS = ("pissa", "olora")
 def linear_module_names(model: torch.nn.Module) -> list[str]:
     """Short names of the linear layers that LoRA can adapt (e.g. q_proj, down_proj)."""
     return sorted({name.rsplit(".", 1)[-1] for name, mod in model.named_modules() if isinstance(mod, torch.nn.Linear)})
-
-
-def is_pattern(targets: list[str] | str) -> bool:
-    return isinstance(targets, str) and targets != "all-linear" and bool(_REGEX_CHARS & set(targets))
 
 
 def _matches_suffix(key: str, names: Iterable[str]) -> bool:
@@ -41,7 +35,7 @@ def check_lora_against_model(model: torch.nn.Module, lora: LoraSection) -> None:
     module_names = [name for name, _ in model.named_modules() if name]
     listing = f"linear layers here: {', '.join(existing)} (or use 'all-linear')"
     targets = lora.target_modules
-    if is_pattern(targets):
+    if is_module_pattern(targets):
         try:
             compiled = re.compile(targets)
         except re.error as exc:
@@ -80,7 +74,7 @@ def peft_lora_config(lora: LoraSection):
         r=lora.r,
         lora_alpha=lora.alpha,
         lora_dropout=lora.dropout,
-        target_modules=targets if targets == "all-linear" or is_pattern(targets) else list(targets),
+        target_modules=targets if targets == "all-linear" or is_module_pattern(targets) else list(targets),
         use_rslora=lora.use_rslora,
         use_dora=lora.use_dora,
         init_lora_weights=init,

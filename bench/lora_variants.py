@@ -6,7 +6,7 @@ is its own), and reports: trainable parameters, adapter (or model) size on disk,
 tokens/s, peak RSS, validation perplexity before/after on held-out pydocs pages, and forgetting:
 the perplexity change on general English (../shared/data/general/fortunes.jsonl).
 
-    .venv/bin/python bench/lora_variants.py [--steps 30] [--only NAME ...]
+    .venv/bin/python bench/lora_variants.py [--steps 30] [--only NAME ...] [--data ../shared/data]
 
 Prints a Markdown table and one RESULT line per variant (key=value, for scripts).
 """
@@ -24,10 +24,7 @@ from pathlib import Path
 import yaml
 
 REPO = Path(__file__).resolve().parents[1]
-DATA = REPO.parent / "shared" / "data"
-TRAIN = DATA / "pydocs" / "text" / "train.jsonl"
-VALID = DATA / "pydocs" / "text" / "valid.jsonl"
-GENERAL = DATA / "general" / "fortunes.jsonl"
+DEFAULT_DATA = REPO.parent / "shared" / "data"
 VALID_DOCUMENTS = 8  # held-out pages scored before/after (about 25k tokens)
 LORA_LR, FULL_LR = 1e-3, 5e-5  # full fine-tuning at a LoRA learning rate would wreck the model
 
@@ -48,10 +45,10 @@ def head_lines(source: Path, count: int, out: Path) -> Path:
     return out
 
 
-def run_variant(name: str, steps: int, work: Path, valid: Path) -> dict:
+def run_variant(name: str, steps: int, work: Path, train: Path, valid: Path, general: Path) -> dict:
     spec = VARIANTS[name]
     config = {
-        "data": {"train": [str(TRAIN)], "valid": [str(valid)]},
+        "data": {"train": [str(train)], "valid": [str(valid)]},
         "lora": spec.get("lora", {}),
         "train": {
             "seq_len": 512,
@@ -62,7 +59,7 @@ def run_variant(name: str, steps: int, work: Path, valid: Path) -> dict:
             "seed": 0,
             **spec.get("train", {}),
         },
-        "eval": {"general": [str(GENERAL)], "max_new_tokens": 1, "prompts": ["Python"]},
+        "eval": {"general": [str(general)], "max_new_tokens": 1, "prompts": ["Python"]},
     }
     path = work / f"{name}.yaml"
     path.write_text(yaml.safe_dump(config))
@@ -112,10 +109,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--only", nargs="*", choices=list(VARIANTS), help="run only these variants")
+    parser.add_argument("--data", type=Path, default=DEFAULT_DATA, help="folder holding pydocs/ and general/")
     args = parser.parse_args()
-    for path in (TRAIN, VALID, GENERAL):
+    train, valid_all = args.data / "pydocs" / "text" / "train.jsonl", args.data / "pydocs" / "text" / "valid.jsonl"
+    general = args.data / "general" / "fortunes.jsonl"
+    for path in (train, valid_all, general):
         if not path.is_file():
-            sys.exit(f"{path}: missing; this benchmark needs ../shared/data beside the repository.")
+            sys.exit(f"{path}: missing; pass --data with the folder of the shared data sets.")
     import peft
     import torch
     import transformers
@@ -129,9 +129,9 @@ def main() -> None:
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
-        valid = head_lines(VALID, VALID_DOCUMENTS, work / "valid.jsonl")
+        valid = head_lines(valid_all, VALID_DOCUMENTS, work / "valid.jsonl")
         for name in args.only or VARIANTS:
-            row = run_variant(name, args.steps, work, valid)
+            row = run_variant(name, args.steps, work, train, valid, general)
             rows.append(row)
             print("RESULT " + " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()))
             print(markdown(rows[-1:]).splitlines()[-1], flush=True)

@@ -28,7 +28,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_DATA = REPO.parent / "shared" / "data" / "pydocs" / "text" / "train.jsonl"
 SEQ_LEN, BATCH, LR, WARMUP = 512, 4, 2e-4, 2
-LORA = {"r": 8, "alpha": 32, "dropout": 0.05, "target_modules": ["q_proj", "v_proj"]}
+LORA = {"r": 8, "alpha": 32, "dropout": 0.05, "target_modules": ["q_proj", "v_proj"], "use_rslora": False}
 
 
 def peak_rss_mb() -> float:

@@ -58,7 +58,7 @@ def run_variant(tmp_path, tiny_model_dir, lora: dict, train: dict | None = None)
 @pytest.mark.parametrize(
     "lora",
     [
-        {"use_rslora": True},
+        {"use_rslora": False},
         {"use_dora": True},
         {"init": "gaussian"},
         {"init": "pissa"},

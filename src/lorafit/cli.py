@@ -165,6 +165,12 @@ def print_run_summary(summary: dict, out_dir: Path) -> None:
     table.add_column("base", justify="right")
     table.add_column("adapter", justify="right")
     table.add_row("validation perplexity", f"{summary['valid_ppl_before']:.3f}", f"{summary['valid_ppl_after']:.3f}")
+    if "general_ppl_before" in summary:
+        table.add_row(
+            "general-text perplexity (forgetting)",
+            f"{summary['general_ppl_before']:.3f}",
+            f"{summary['general_ppl_after']:.3f}",
+        )
     console.print(table)
     console.print(
         f"perplexity change {summary['valid_ppl_change_percent']:+.1f}%  |  {summary['train_tokens']:,} tokens at "
@@ -181,9 +187,10 @@ def print_run_summary(summary: dict, out_dir: Path) -> None:
         for row in summary["generations"]:
             side.add_row(row["prompt"], row["base"], row["adapter"])
         console.print(side)
-    console.print(
-        f"adapter: {out_dir / 'adapter'}   summary: {out_dir / 'summary.json'}   metrics: {out_dir / 'metrics.jsonl'}"
-    )
+    kind = "model" if summary.get("method") == "full" else "adapter"
+    saved = summary.get("saved_to", out_dir / kind)
+    size = f" ({summary['saved_bytes'] / 1e6:.1f} MB)" if summary.get("saved_bytes") else ""
+    console.print(f"{kind}: {saved}{size}   summary: {out_dir / 'summary.json'}   metrics: {out_dir / 'metrics.jsonl'}")
 
 
 def task_metrics_table(metrics: dict) -> Table:

@@ -143,7 +143,11 @@ class LoraSection(Section):
         description="Module names to adapt (e.g. [q_proj, v_proj]), a regular expression matched against full "
         "module names, or 'all-linear'.",
     )
-    use_rslora: bool = Field(False, description="Rank-stabilised LoRA: scale the update by alpha/sqrt(r), not alpha/r.")
+    use_rslora: bool = Field(
+        True,
+        description="Rank-stabilised LoRA: scale the update by alpha/sqrt(r), not alpha/r (the best of "
+        "bench/lora_variants.py at the same cost).",
+    )
     use_dora: bool = Field(
         False, description="DoRA: a trained magnitude per output row on top of the LoRA direction (slower)."
     )

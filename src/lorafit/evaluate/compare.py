@@ -12,10 +12,11 @@ from contextlib import nullcontext
 
 import torch
 
-from lorafit.config import EvalSection
-from lorafit.data.chat_template import ChatTemplate
+from lorafit.config import EvalSection, RunConfig
+from lorafit.data.chat_template import ChatTemplate, render_prompt
+from lorafit.data.datasets import RunDocuments
 from lorafit.data.formats import Conversation
-from lorafit.evaluate.generate import generation_mode, greedy_generate
+from lorafit.evaluate.generate import default_prompt, generation_mode, greedy_generate
 from lorafit.evaluate.tasks import score_model
 
 
@@ -87,3 +88,19 @@ def task_report(records: list[Conversation], base: dict, tuned: dict, evaluation
         "metrics": {"base": base["tasks"]["metrics"], "adapter": tuned["tasks"]["metrics"]},
         "answers": rows,
     }
+
+
+def generation_prompts(
+    config: RunConfig, documents: RunDocuments, tokenizer, template: ChatTemplate | None
+) -> tuple[list[str], list[str]]:
+    """(shown, fed) prompts for the side-by-side generations: instruction runs ask questions through
+    the chat template (shown: the question); text runs continue the opening of a document."""
+    if template is not None and (documents.instruction or not documents.valid):
+        if config.eval.prompts:
+            chats = [[{"role": "user", "content": prompt}] for prompt in config.eval.prompts]
+        else:
+            chats = [c.messages for c in (documents.valid_conversations or documents.train_conversations)[:3]]
+        chats = [m[:-1] if m[-1]["role"] == "assistant" else m for m in chats]
+        return [m[-1]["content"] for m in chats], [render_prompt(tokenizer, template, m) for m in chats]
+    prompts = list(config.eval.prompts) or [default_prompt(documents.valid[0].text)]
+    return prompts, prompts

@@ -6,7 +6,6 @@ import json
 import logging
 import random
 import resource
-import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,13 +16,11 @@ from rich.console import Console
 
 from lorafit.adapters.save import folder_bytes, save_adapter, save_full_model, save_initial_adapter
 from lorafit.config import RunConfig, config_to_yaml
-from lorafit.data.chat_template import render_prompt, resolve_chat_template
+from lorafit.data.chat_template import resolve_chat_template
 from lorafit.data.datasets import load_run_documents, load_text_blocks, pack_run_documents
 from lorafit.data.documents import Problems
-from lorafit.data.pack import PackedBlocks
 from lorafit.errors import ConfigError, DataError, LorafitError, TrainingInterruptedError, UsageError
-from lorafit.evaluate.compare import generation_rows, model_outputs, task_report
-from lorafit.evaluate.generate import default_prompt
+from lorafit.evaluate.compare import generation_prompts, generation_rows, model_outputs, task_report
 from lorafit.evaluate.perplexity import LossResult, evaluate_loss
 from lorafit.evaluate.tasks import load_task_records
 from lorafit.io import append_jsonl, write_json_atomic, write_text_atomic
@@ -44,6 +41,7 @@ from lorafit.train.loop import LoopState, UnstableTrainingError, record_validati
 from lorafit.train.objective import CausalLMObjective
 from lorafit.train.precision import autocast_context, resolve_precision
 from lorafit.train.progress import training_progress
+from lorafit.train.run_folder import input_fingerprints, keep_metrics_up_to, prepare_out_dir
 
 log = logging.getLogger(__name__)
 
@@ -64,47 +62,6 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
-
-
-def prepare_out_dir(out_dir: Path, overwrite: bool, resuming: bool) -> None:
-    if resuming:
-        if not (out_dir / "config.yaml").is_file():
-            raise UsageError(f"--resume: {out_dir} holds no run to resume; check --out.")
-        return
-    if (out_dir / "config.yaml").exists() and not overwrite:
-        raise UsageError(
-            f"{out_dir} already holds a run (config.yaml); choose another --out, continue it with --resume, "
-            "or replace it with --overwrite."
-        )
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "metrics.jsonl").unlink(missing_ok=True)
-    shutil.rmtree(out_dir / "checkpoints", ignore_errors=True)  # an old run's checkpoints are not ours
-
-
-def keep_metrics_up_to(path: Path, step: int) -> None:
-    """On resume, drop the lines an interrupted run wrote after its last checkpoint."""
-    if not path.is_file():
-        return
-    lines = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
-    write_text_atomic(path, "".join(line + "\n" for line in lines))
-
-
-def input_fingerprints(
-    config: RunConfig, train_blocks: PackedBlocks, valid_blocks: PackedBlocks, base_fingerprint: str
-) -> dict:
-    """What a resumed run must share with the run that wrote the checkpoint."""
-    flat = {
-        f"{section}.{key}": value
-        for section, values in config.model_dump(mode="json").items()
-        if isinstance(values, dict)
-        for key, value in values.items()
-    }
-    return {
-        "config": flat,
-        "train_data": train_blocks.digest(),
-        "valid_data": valid_blocks.digest(),
-        "base_model": base_fingerprint,
-    }
 
 
 def report_problems(console: Console, problems: list, shown: int = 20) -> None:
@@ -130,20 +87,6 @@ def describe_data(stats: dict, formats: dict[str, str]) -> str:
             f"{instructions['chat_template']})"
         )
     return "; ".join(parts)
-
-
-def generation_prompts(config: RunConfig, documents, tokenizer, template) -> tuple[list[str], list[str]]:
-    """(shown, fed) prompts for the side-by-side generations: instruction runs ask questions through
-    the chat template (shown: the question); text runs continue the opening of a document."""
-    if template is not None and (documents.instruction or not documents.valid):
-        if config.eval.prompts:
-            chats = [[{"role": "user", "content": prompt}] for prompt in config.eval.prompts]
-        else:
-            chats = [c.messages for c in (documents.valid_conversations or documents.train_conversations)[:3]]
-        chats = [m[:-1] if m[-1]["role"] == "assistant" else m for m in chats]
-        return [m[-1]["content"] for m in chats], [render_prompt(tokenizer, template, m) for m in chats]
-    prompts = list(config.eval.prompts) or [default_prompt(documents.valid[0].text)]
-    return prompts, prompts
 
 
 def check_seq_len(seq_len: int, model_config) -> None:

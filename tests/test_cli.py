@@ -64,6 +64,15 @@ def invoke(*args: str):
     return CliRunner().invoke(app, list(args), terminal_width=200)
 
 
+def train_with_overrides(tmp_path: Path, model_dir: Path, overrides: list[str]):
+    """`lorafit train` on the small corpus, into tmp_path/run, with `--set` overrides."""
+    config = write_config(tmp_path, model_dir, make_corpus(tmp_path / "docs"))
+    args = ["train", str(config), "--out", str(tmp_path / "run")]
+    for item in overrides:
+        args += ["--set", item]
+    return invoke(*args)
+
+
 def test_prepare_writes_contract_files(tmp_path):
     data = make_corpus(tmp_path / "docs")
     (data / "dup.txt").write_text((data / "doc0.txt").read_text())
@@ -169,6 +178,10 @@ def test_existing_run_is_not_overwritten_without_flag(tmp_path, tiny_model_dir):
     result = invoke("train", str(config), "--out", str(tmp_path / "run"))
     assert result.exit_code == 2 and "--overwrite" in result.output
     assert (tmp_path / "run" / "summary.json").read_text() == before
+    # --overwrite replaces the old run's outputs: nothing stale stays beside the new ones.
+    result = invoke("train", str(config), "--out", str(tmp_path / "run"), "--overwrite", "--set", "train.method=full")
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "run" / "model").is_dir() and not (tmp_path / "run" / "adapter").exists()
 
 
 @pytest.mark.parametrize(
@@ -185,12 +198,7 @@ def test_existing_run_is_not_overwritten_without_flag(tmp_path, tiny_model_dir):
     ],
 )
 def test_bad_input_gets_one_clear_message(tmp_path, tiny_model_dir, overrides, expected):
-    data = make_corpus(tmp_path / "docs")
-    config = write_config(tmp_path, tiny_model_dir, data)
-    args = ["train", str(config), "--out", str(tmp_path / "run")]
-    for item in overrides:
-        args += ["--set", item]
-    result = invoke(*args)
+    result = train_with_overrides(tmp_path, tiny_model_dir, overrides)
     assert result.exit_code == 2  # usage errors, all of them
     assert expected in " ".join(result.output.split())
     assert "Traceback" not in result.output

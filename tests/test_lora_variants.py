@@ -7,7 +7,7 @@ import pytest
 import torch
 import yaml
 from conftest import write_jsonl
-from test_cli import invoke, make_corpus, write_config
+from test_cli import invoke, make_corpus, train_with_overrides, write_config
 
 from lorafit.config import LoraSection, build_config
 from lorafit.errors import ConfigError
@@ -129,21 +129,14 @@ def test_lora_plus_gives_the_b_matrices_their_own_learning_rate(tiny_model_dir):
     ],
 )
 def test_impossible_set_ups_are_refused_before_any_work(tmp_path, tiny_model_dir, overrides, expected):
-    data = make_corpus(tmp_path / "docs")
-    config = write_config(tmp_path, tiny_model_dir, data)
-    args = ["train", str(config), "--out", str(tmp_path / "run")]
-    for item in overrides:
-        args += ["--set", item]
-    result = invoke(*args)
+    result = train_with_overrides(tmp_path, tiny_model_dir, overrides)
     assert result.exit_code == 2, result.output
     assert expected in " ".join(result.output.split())
     assert not (tmp_path / "run" / "config.yaml").exists()  # nothing started
 
 
 def test_quantization_is_refused_before_the_data_is_touched(tmp_path, tiny_model_dir):
-    data = make_corpus(tmp_path / "docs")
-    config = write_config(tmp_path, tiny_model_dir, data)
-    result = invoke("train", str(config), "--out", str(tmp_path / "run"), "--set", "model.quantization=8bit")
+    result = train_with_overrides(tmp_path, tiny_model_dir, ["model.quantization=8bit"])
     assert result.exit_code == 2
     assert not (tmp_path / "run" / "data").exists()
 

@@ -45,3 +45,23 @@ def test_choice_log_likelihood_equals_scoring_the_full_sequence(tiny_model_dir):
             log_probs = torch.log_softmax(model(ids).logits[0].float(), dim=-1)
         expected = sum(float(log_probs[len(prompt_ids) - 1 + i, t]) for i, t in enumerate(choice_ids))
         assert score == pytest.approx(expected, abs=1e-4)
+
+
+def test_a_run_without_base_outputs_reports_the_tuned_side_only():
+    from lorafit.config import EvalSection
+    from lorafit.data.formats import Conversation
+    from lorafit.evaluate.compare import generation_rows, task_report
+
+    records = [
+        Conversation([{"role": "user", "content": "Q?"}, {"role": "assistant", "content": "A."}], "t:1"),
+        Conversation([{"role": "user", "content": "Pick."}], "t:2", choices=["x", "y"], answer=1),
+    ]
+    tuned = {
+        "generations": ["hello"],
+        "tasks": {"metrics": {"rouge_l": 1.0}, "answers": ["A."], "picks": [1]},
+    }
+    rows = generation_rows(["Q?"], ["<rendered>"], None, tuned)
+    assert rows == [{"prompt": "Q?", "rendered_prompt": "<rendered>", "base": "", "adapter": "hello"}]
+    report = task_report(records, None, tuned, EvalSection(tasks=["t"]))
+    assert report["metrics"] == {"base": {}, "adapter": {"rouge_l": 1.0}}
+    assert [(r["base"], r["adapter"]) for r in report["answers"]] == [("", "A."), ("", "y")]

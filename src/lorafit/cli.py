@@ -199,8 +199,9 @@ def task_metrics_table(metrics: dict) -> Table:
     table.add_column("base", justify="right")
     table.add_column("adapter", justify="right")
     for name in ("exact_match", "token_f1", "rouge_l", "bleu", "mc_accuracy"):
-        if name in metrics["base"]:
-            table.add_row(name, f"{metrics['base'][name]:.4f}", f"{metrics['adapter'][name]:.4f}")
+        if name in metrics["adapter"]:
+            base = metrics["base"].get(name)
+            table.add_row(name, "-" if base is None else f"{base:.4f}", f"{metrics['adapter'][name]:.4f}")
     return table
 
 

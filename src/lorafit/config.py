@@ -44,6 +44,13 @@ def is_module_pattern(targets: list[str] | str) -> bool:
 LORA_INITS = ("default", "gaussian", "pissa", "olora", "loftq", "eva")
 
 
+def one_or_many(value: Any) -> Any:
+    """A list-valued key also takes one value (or nothing): `train: docs/` means `train: [docs/]`."""
+    if value is None or value == "":
+        return []
+    return [value] if isinstance(value, (str, Path)) else value
+
+
 class Section(BaseModel):
     """Base for config sections: unknown keys are errors, assignments are validated."""
 
@@ -112,9 +119,7 @@ class DataSection(Section):
     @field_validator("train", "valid", "exclude", mode="before")
     @classmethod
     def _one_or_many(cls, value: Any) -> Any:
-        if value is None or value == "":
-            return []
-        return [value] if isinstance(value, (str, Path)) else value
+        return one_or_many(value)
 
     @field_validator("fields")
     @classmethod
@@ -263,9 +268,7 @@ class EvalSection(Section):
     @field_validator("prompts", "tasks", "general", mode="before")
     @classmethod
     def _one_or_many(cls, value: Any) -> Any:
-        if value is None or value == "":
-            return []
-        return [value] if isinstance(value, str) else value
+        return one_or_many(value)
 
 
 class RunConfig(Section):

@@ -240,12 +240,12 @@ def pack_run_documents(
         if text_train is not None and inst_train is not None and instruct_share:
             wanted = max(1, round(instruct_share / (1.0 - instruct_share) * len(text_train)))
             inst_train = resample_blocks(inst_train, wanted)
-        offset = len(sources)
+        if inst_train is not None:
+            # Examples are numbered after the documents in `sources`.
+            inst_train.members = [[m + len(sources) for m in block] for block in inst_train.members]
         sources = sources + example_sources
-    else:
-        offset = 0
-    train = _join(text_train, inst_train, offset)
-    valid = _join(text_valid, inst_valid, 0)
+    train = _join(text_train, inst_train)
+    valid = _join(text_valid, inst_valid)
     if train is None or len(train) == 0:
         raise DataError(
             f"The training data has fewer tokens ({stats.get('train_tokens', 0)}) than one block of "
@@ -259,12 +259,12 @@ def pack_run_documents(
     return RunBlocks(train=train, valid=valid, stats=stats, sources=sources)
 
 
-def _join(text: PackedBlocks | None, instructions: PackedBlocks | None, offset: int) -> PackedBlocks | None:
+def _join(text: PackedBlocks | None, instructions: PackedBlocks | None) -> PackedBlocks | None:
     if text is None or len(text) == 0:
         return instructions
     if instructions is None:
         return text
-    return concatenate_blocks(text, instructions, offset)
+    return concatenate_blocks(text, instructions)
 
 
 def load_text_blocks(paths: list[str], text_field: str, tokenizer, seq_len: int) -> PackedBlocks:

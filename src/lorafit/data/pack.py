@@ -68,8 +68,8 @@ class PackedBlocks:
         return digest.hexdigest()
 
 
-def concatenate_blocks(first: PackedBlocks, second: PackedBlocks, offset: int) -> PackedBlocks:
-    """Both block sets in one (same seq_len); `offset` shifts the second one's member indices."""
+def concatenate_blocks(first: PackedBlocks, second: PackedBlocks) -> PackedBlocks:
+    """Both block sets in one (same seq_len)."""
     labels = positions = None
     if first.labels is not None or second.labels is not None:
         labels = np.concatenate([first.full_labels(), second.full_labels()])
@@ -79,7 +79,7 @@ def concatenate_blocks(first: PackedBlocks, second: PackedBlocks, offset: int) -
         np.concatenate([first.input_ids, second.input_ids]),
         labels,
         positions,
-        first.members + [[m + offset for m in block] for block in second.members],
+        first.members + second.members,
     )
 
 

@@ -50,16 +50,30 @@ def model_outputs(
     return outputs
 
 
-def generation_rows(shown: list[str], fed: list[str], base: dict, tuned: dict) -> list[dict]:
-    """[{prompt, rendered_prompt, base, adapter}] for the summary and the console."""
+def generation_rows(shown: list[str], fed: list[str], base: dict | None, tuned: dict) -> list[dict]:
+    """[{prompt, rendered_prompt, base, adapter}] for the summary and the console (base None: not measured)."""
+    base = base or _unmeasured(tuned)
     return [
         {"prompt": question, "rendered_prompt": prompt, "base": b, "adapter": a}
         for question, prompt, b, a in zip(shown, fed, base["generations"], tuned["generations"])
     ]
 
 
-def task_report(records: list[Conversation], base: dict, tuned: dict, evaluation: EvalSection) -> dict:
-    """tasks.json: metrics of both sides and every answer side by side."""
+def _unmeasured(tuned: dict) -> dict:
+    """A stand-in base side (empty answers, no metrics) for runs whose base outputs were not kept."""
+    side: dict = {"generations": [""] * len(tuned["generations"])}
+    if "tasks" in tuned:
+        side["tasks"] = {
+            "metrics": {},
+            "answers": [""] * len(tuned["tasks"]["answers"]),
+            "picks": [None] * len(tuned["tasks"]["picks"]),
+        }
+    return side
+
+
+def task_report(records: list[Conversation], base: dict | None, tuned: dict, evaluation: EvalSection) -> dict:
+    """tasks.json: metrics of both sides and every answer side by side (base None: not measured)."""
+    base = base or _unmeasured(tuned)
     open_records = [r for r in records if r.choices is None]
     mc_records = [r for r in records if r.choices is not None]
     rows = [
@@ -77,7 +91,7 @@ def task_report(records: list[Conversation], base: dict, tuned: dict, evaluation
             "source": record.source,
             "prompt": record.messages[-1]["content"],
             "reference": record.choices[record.answer],
-            "base": record.choices[b],
+            "base": "" if b is None else record.choices[b],
             "adapter": record.choices[a],
         }
         for record, b, a in zip(mc_records, base["tasks"]["picks"], tuned["tasks"]["picks"])

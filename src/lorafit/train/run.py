@@ -223,7 +223,9 @@ def run_training(
         position, resumed_from = record["position"], str(checkpoint)
         before = LossResult(**record["before"])
         general_before = LossResult(**record["general_before"]) if record.get("general_before") else None
-        base_outputs = json.loads((out_dir / "base_outputs.json").read_text())
+        base_file = out_dir / "base_outputs.json"
+        # Written before the first checkpoint; a run from an older lorafit has none: tuned side only.
+        base_outputs = json.loads(base_file.read_text()) if base_file.is_file() else None
         keep_metrics_up_to(metrics_path, state.step)
         console.print(f"resuming from {checkpoint} (step {state.step})")
     else:

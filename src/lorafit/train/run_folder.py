@@ -11,6 +11,9 @@ from lorafit.data.pack import PackedBlocks
 from lorafit.errors import UsageError
 from lorafit.io import write_text_atomic
 
+RUN_FILES = ("metrics.jsonl", "summary.json", "tasks.json", "base_outputs.json")
+RUN_FOLDERS = ("checkpoints", "adapter", "adapter-init", "model")
+
 
 def prepare_out_dir(out_dir: Path, overwrite: bool, resuming: bool) -> None:
     if resuming:
@@ -23,8 +26,11 @@ def prepare_out_dir(out_dir: Path, overwrite: bool, resuming: bool) -> None:
             "or replace it with --overwrite."
         )
     out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "metrics.jsonl").unlink(missing_ok=True)
-    shutil.rmtree(out_dir / "checkpoints", ignore_errors=True)  # an old run's checkpoints are not ours
+    # An old run's outputs are not ours: a different method or init would leave stale ones beside ours.
+    for name in RUN_FILES:
+        (out_dir / name).unlink(missing_ok=True)
+    for name in RUN_FOLDERS:
+        shutil.rmtree(out_dir / name, ignore_errors=True)
 
 
 def keep_metrics_up_to(path: Path, step: int) -> None:

@@ -16,9 +16,8 @@ import numpy as np
 from lorafit.data.chat_template import ChatTemplate, RenderError, conversation_segments
 from lorafit.data.documents import Problems
 from lorafit.data.formats import Conversation
+from lorafit.data.pack import IGNORE_INDEX
 from lorafit.data.tokenize import tokenize_cached
-
-IGNORE_INDEX = -100
 
 
 @dataclass

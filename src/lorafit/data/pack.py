@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-IGNORE_INDEX = -100
+IGNORE_INDEX = -100  # the label of a token that is not trained (PyTorch's cross-entropy default)
 
 
 @dataclass

@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-IGNORE_INDEX = -100
+from lorafit.data.pack import IGNORE_INDEX
 
 
 class FusedLinearCrossEntropy(torch.autograd.Function):

@@ -56,10 +56,6 @@ class PackedBlocks:
             self.members[:count],
         )
 
-    def target_tokens(self) -> int:
-        """Tokens that are predicted (the first token of a block never is)."""
-        return int((self.full_labels()[:, 1:] != IGNORE_INDEX).sum())
-
     def digest(self) -> str:
         digest = hashlib.sha256()
         for array in (self.input_ids, self.labels, self.position_ids):

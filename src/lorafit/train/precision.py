@@ -27,12 +27,6 @@ def resolve_precision(requested: str, device: torch.device) -> str:
     return "bf16" if device.type == "cpu" and cpu_has_fast_bf16() else "fp32"
 
 
-def weight_dtype(precision: str) -> torch.dtype:
-    """Frozen base weights are stored in the compute dtype: no per-step casts, half the memory.
-    Trainable LoRA weights stay fp32 (PEFT's autocast_adapter_dtype)."""
-    return torch.bfloat16 if precision == "bf16" else torch.float32
-
-
 def autocast_context(precision: str, device: torch.device) -> AbstractContextManager:
     if precision == "bf16":
         return torch.autocast(device_type=device.type, dtype=torch.bfloat16)

@@ -25,9 +25,11 @@ class FusedLinearCrossEntropy(torch.autograd.Function):
         acc_dtype = torch.promote_types(compute_dtype, torch.float32)
         with torch.autocast(device_type=hidden.device.type, enabled=False):
             weight_c = weight.detach().to(compute_dtype)
-            grad_hidden = torch.empty_like(hidden) if hidden.requires_grad else None
+            # needs_input_grad is all False under torch.no_grad(): evaluation computes the loss only,
+            # even where the weights require grad (full fine-tuning, a plain transformers model).
+            grad_hidden = torch.empty_like(hidden) if ctx.needs_input_grad[0] else None
             grad_weight = (
-                torch.zeros(weight.shape, dtype=acc_dtype, device=weight.device) if weight.requires_grad else None
+                torch.zeros(weight.shape, dtype=acc_dtype, device=weight.device) if ctx.needs_input_grad[1] else None
             )
             total = torch.zeros((), dtype=acc_dtype, device=hidden.device)
             for start in range(0, hidden.shape[0], chunk_tokens):

@@ -1,0 +1,99 @@
+"""Perplexity-evaluation throughput: lorafit's evaluation vs the plain transformers loop tutorials show.
+
+Same model (the embedded SmolLM2-135M-Instruct), same packed 512-token blocks of held-out pydocs
+pages, same tokens scored. The peer is the tutorial loop: batch 1, fp32, `model(ids, labels=ids)`
+under `torch.no_grad()`. lorafit is `evaluate_loss` as `lorafit train` runs it: bf16 weights where
+the CPU supports it, its block-causal attention, batches of --batch blocks, the fused chunked loss.
+
+    .venv/bin/python bench/eval_throughput.py [--documents 4] [--batch 8]
+
+Ends with: RESULT tokens_per_s_ratio=X nll_lorafit=A nll_peer=B (ratio is lorafit / peer).
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import platform
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+DEFAULT_VALID = REPO.parent / "shared" / "data" / "pydocs" / "text" / "valid.jsonl"
+SEQ_LEN = 512
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--documents", type=int, default=4, help="held-out pages scored")
+    parser.add_argument("--batch", type=int, default=8, help="lorafit's evaluation batch (blocks)")
+    parser.add_argument("--data", type=Path, default=DEFAULT_VALID)
+    args = parser.parse_args()
+    if not args.data.is_file():
+        sys.exit(f"{args.data}: no such file; pass --data with a JSONL of {{'text': ...}} records.")
+
+    import torch
+    import transformers
+    from transformers import AutoModelForCausalLM
+
+    from lorafit.data.pack import pack_documents
+    from lorafit.data.prepare import load_prepared_jsonl
+    from lorafit.data.tokenize import tokenize_texts
+    from lorafit.evaluate.perplexity import evaluate_loss
+    from lorafit.model.attention import use_block_causal_attention
+    from lorafit.model.embedded import embedded_model_folder
+    from lorafit.model.load import load_tokenizer, resolve_base
+    from lorafit.train.objective import CausalLMObjective
+    from lorafit.train.precision import autocast_context, resolve_precision
+
+    tokenizer = load_tokenizer(resolve_base(""))
+    documents, _ = load_prepared_jsonl([args.data])
+    ids = tokenize_texts([d.text for d in documents[: args.documents]], tokenizer)
+    blocks = pack_documents(ids, tokenizer.eos_token_id, SEQ_LEN, keep_tail=True)
+    scored = int((blocks.full_labels()[:, 1:] != -100).sum())
+    folder = embedded_model_folder()
+    precision = resolve_precision("auto", torch.device("cpu"))
+    print(
+        f"machine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads; torch "
+        f"{torch.__version__}, transformers {transformers.__version__}; {len(blocks)} blocks of {SEQ_LEN}, "
+        f"{scored:,} tokens scored; lorafit precision {precision}, batch {args.batch}",
+        flush=True,
+    )
+
+    # The tutorial loop: batch 1, fp32, the model's own loss (a mean over the block's targets).
+    peer_model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    with torch.no_grad():  # one warm-up block, as lorafit gets one batch below
+        peer_model(input_ids=torch.as_tensor(blocks.input_ids[:1]))
+    peer_nll, started = 0.0, time.perf_counter()
+    with torch.no_grad():
+        for row in range(len(blocks)):
+            labels = torch.as_tensor(blocks.full_labels()[row : row + 1])
+            input_ids = torch.as_tensor(blocks.input_ids[row : row + 1])
+            targets = int((labels[:, 1:] != -100).sum())
+            peer_nll += float(peer_model(input_ids=input_ids, labels=labels).loss) * targets
+    peer_seconds = time.perf_counter() - started
+    del peer_model
+
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, attn_implementation="sdpa").eval()
+    if precision == "bf16":
+        use_block_causal_attention(model)
+    objective = CausalLMObjective(model, dtype)
+    device = torch.device("cpu")
+    evaluate_loss(objective, blocks.head(args.batch), args.batch, device, lambda: autocast_context(precision, device))
+    started = time.perf_counter()
+    result = evaluate_loss(objective, blocks, args.batch, device, lambda: autocast_context(precision, device))
+    ours_seconds = time.perf_counter() - started
+
+    peer_tps, ours_tps = scored / peer_seconds, result.tokens / ours_seconds
+    print(f"peer (batch 1, fp32): {peer_tps:,.0f} tokens/s, ppl {math.exp(peer_nll / scored):.4f}")
+    print(f"lorafit ({precision}, batch {args.batch}): {ours_tps:,.0f} tokens/s, ppl {result.perplexity:.4f}")
+    print(
+        f"RESULT tokens_per_s_ratio={ours_tps / peer_tps:.3f} nll_lorafit={result.loss:.4f} "
+        f"nll_peer={peer_nll / scored:.4f}"
+    )
+
+
+if __name__ == "__main__":
+    main()

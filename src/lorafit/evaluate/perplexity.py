@@ -33,6 +33,11 @@ def evaluate_loss(
     """Mean next-token loss over every target token of `blocks`; `objective` returns summed losses."""
     was_training = objective.training
     objective.eval()
+    # Weights that require grad make no_grad bf16 matmuls on CPU ~40% slower (measured: 584 vs 950
+    # tok/s forward for SmolLM2, 8 x 512): frozen for the evaluation, restored after.
+    trainable = [p for p in objective.parameters() if p.requires_grad]
+    for param in trainable:
+        param.requires_grad_(False)
     tensors = BlockTensors.from_packed(blocks)
     nll_sum, tokens = 0.0, 0
     try:
@@ -42,5 +47,7 @@ def evaluate_loss(
                 nll_sum += float(objective(**batch))
             tokens += target_count(batch["labels"])
     finally:
+        for param in trainable:
+            param.requires_grad_(True)
         objective.train(was_training)
     return LossResult(nll_sum=nll_sum, tokens=tokens)

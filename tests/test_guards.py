@@ -37,6 +37,7 @@ def test_a_non_finite_step_is_skipped_and_counted(drill):
     assert summary["skipped_steps"] == 1 and summary["rollbacks"] == 0
     assert [(r["loss"], r["grad_norm"]) for r in lines if r.get("step") == 4 and "lr" in r] == [(None, None)]
     assert "NaN" not in (out / "metrics.jsonl").read_text()  # strict JSON for other readers
+    assert (out / "report.html").is_file()  # the skipped step is a gap in the report's loss curve
     weights = load_file(str(out / "adapter" / "adapter_model.safetensors"))
     assert all(torch.isfinite(t).all() for t in weights.values())
 

@@ -257,9 +257,12 @@ class EvalSection(Section):
         "adapter: exact match, token F1, ROUGE-L, BLEU, and multiple-choice accuracy for records with choices.",
     )
     general: list[str] = Field(
-        default_factory=list,
+        default_factory=lambda: ["builtin"],
         description="General-text files (JSONL 'text' records or documents) whose perplexity before and after "
-        "training measures forgetting.",
+        "training measures forgetting; 'builtin' = a small general-English sample shipped with lorafit, [] = skip.",
+    )
+    report: bool = Field(
+        True, description="Write report.json, report.md and report.html (plots included) into the run folder."
     )
     task_max_new_tokens: int = Field(128, ge=1, description="Tokens generated per task answer (greedy).")
     task_max_examples: int = Field(0, ge=0, description="Score only the first N task records (0 = all).")
@@ -404,6 +407,9 @@ def resolve_data_paths(config: RunConfig, base_dir: Path) -> RunConfig:
     def resolve(entries: list[str]) -> list[str]:
         out = []
         for entry in entries:
+            if entry == "builtin":  # eval.general's shipped sample, not a path
+                out.append(entry)
+                continue
             path = Path(entry).expanduser()
             if not path.is_absolute() and not path.exists() and (base_dir / path).exists():
                 path = base_dir / path

@@ -108,9 +108,9 @@ def _read_instructions(groups: dict[str, list[Path]], data: DataSection, problem
     return unique, stats
 
 
-def load_run_documents(data: DataSection, prepared_dir: Path) -> RunDocuments:
+def load_run_documents(data: DataSection, prepared_dir: Path | None) -> RunDocuments:
     """Train/valid documents and conversations for `data`; raw documents are cleaned and written
-    to `prepared_dir`. Files of the same run may mix formats (text and instructions)."""
+    to `prepared_dir` (when given). Files of the same run may mix formats (text and instructions)."""
     problems = Problems()
     formats: dict[str, str] = {}
     valid_ratio = 0.0 if data.valid else data.valid_ratio
@@ -267,13 +267,62 @@ def _join(text: PackedBlocks | None, instructions: PackedBlocks | None) -> Packe
     return concatenate_blocks(text, instructions)
 
 
-def load_text_blocks(paths: list[str], text_field: str, tokenizer, seq_len: int) -> PackedBlocks:
-    """Evaluation text (e.g. general English for forgetting) as validation-style blocks: every
-    token scored. JSONL records are used as they are; raw documents are read like `prepare` reads them."""
-    problems = Problems()
-    files = find_files(paths)
-    documents, _ = load_prepared_jsonl(files, text_field, problems)
-    if not documents:
-        raise DataError(f"No text in {', '.join(paths)}; check eval.general and data.text_field.")
-    ids = tokenize_cached([d.text for d in documents], tokenizer)
-    return pack_documents(ids, tokenizer.eos_token_id, seq_len, keep_tail=True)
+GENERAL_SAMPLE = "builtin"  # eval.general's default: the general-English sample shipped with lorafit
+GENERAL_SAMPLE_FILE = Path(__file__).resolve().parents[1] / "evaluate" / "general_english.jsonl"
+
+
+def eval_files(paths: list[str]) -> list[Path]:
+    """Files named by evaluation settings; GENERAL_SAMPLE stands for lorafit's shipped sample."""
+    named = [str(GENERAL_SAMPLE_FILE) if path == GENERAL_SAMPLE else path for path in paths]
+    return find_files(named)
+
+
+def load_eval_blocks(
+    paths: list[str],
+    data: DataSection,
+    tokenizer,
+    seq_len: int,
+    template: ChatTemplate | None = None,
+    problems: Problems | None = None,
+) -> PackedBlocks:
+    """Held-out evaluation data (domain text, general English) as validation-style blocks. Text
+    (JSONL 'text' records used as they are, raw documents read like `prepare` reads them) has every
+    token scored; instruction files have their answers scored, as in training."""
+    problems = problems if problems is not None else Problems()
+    formats: dict[str, str] = {}
+    groups = _group_by_format(eval_files(paths), data, formats)
+    text = conversations = None
+    if "text" in groups:
+        files = groups["text"]
+        if all(path.suffix.lower() in RECORD_SUFFIXES for path in files):
+            documents, _ = load_prepared_jsonl(files, data.text_field, problems)
+        else:
+            documents = prepare_documents(files, _options(data, 0.0)).train
+        if documents:
+            ids = tokenize_cached([d.text for d in documents], tokenizer)
+            text = pack_documents(ids, tokenizer.eos_token_id, seq_len, keep_tail=True)
+    if any(fmt != "text" for fmt in groups):
+        if template is None:
+            instruction_files = [f for fmt, files in groups.items() if fmt != "text" for f in files]
+            raise DataError(
+                f"{instruction_files[0]}: instruction records where plain text is expected (a text-only run has "
+                "no chat template to render them); use JSONL 'text' records or documents."
+            )
+        fields = field_names(data.fields)
+        records = [
+            record
+            for fmt, files in groups.items()
+            if fmt != "text"
+            for record in read_conversations(files, fmt, fields, problems)
+        ]
+        examples = build_examples(records, tokenizer, template, seq_len, "all", problems)
+        if examples.input_ids:
+            pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+            conversations = pack_examples(examples.input_ids, examples.labels, seq_len, pad_id)
+    blocks = _join(text, conversations)
+    if blocks is None or len(blocks) == 0:
+        raise DataError(
+            f"No evaluation text in {', '.join(paths)}; expected JSONL records with a "
+            f"'{data.text_field}' field (or data.fields for instructions), or documents."
+        )
+    return blocks

@@ -25,8 +25,8 @@ class FusedLinearCrossEntropy(torch.autograd.Function):
         acc_dtype = torch.promote_types(compute_dtype, torch.float32)
         with torch.autocast(device_type=hidden.device.type, enabled=False):
             weight_c = weight.detach().to(compute_dtype)
-            # needs_input_grad is all False under torch.no_grad(): evaluation computes the loss only,
-            # even where the weights require grad (full fine-tuning, a plain transformers model).
+            # needs_input_grad follows requires_grad, not grad mode: fused_lm_loss_sum detaches the
+            # inputs under torch.no_grad(), so evaluation computes the loss only.
             grad_hidden = torch.empty_like(hidden) if ctx.needs_input_grad[0] else None
             grad_weight = (
                 torch.zeros(weight.shape, dtype=acc_dtype, device=weight.device) if ctx.needs_input_grad[1] else None
@@ -38,7 +38,9 @@ class FusedLinearCrossEntropy(torch.autograd.Function):
                 y = labels[start:end]
                 keep = y != IGNORE_INDEX
                 y_safe = torch.where(keep, y, 0)
-                logits = (h @ weight_c.T).to(acc_dtype)
+                # F.linear takes the (vocab, hidden) weight as stored; `h @ weight_c.T` made oneDNN copy
+                # the whole transposed bf16 weight for every chunk (a quarter of evaluation time).
+                logits = F.linear(h, weight_c).to(acc_dtype)
                 target = logits.gather(1, y_safe[:, None]).squeeze(1)
                 # One exp pass gives both the log-sum-exp and the softmax (for the gradient).
                 row_max = logits.amax(dim=1, keepdim=True)
@@ -82,6 +84,10 @@ def fused_lm_loss_sum(
     shifted_hidden = hidden[:, :-1].reshape(-1, hidden.shape[-1])
     shifted_labels = labels[:, 1:].reshape(-1)
     dtype = compute_dtype or hidden.dtype
+    if not torch.is_grad_enabled():
+        # Under no_grad the weights may still require grad (full fine-tuning, a plain transformers
+        # model): without this the pass would compute their unused gradients, twice the work.
+        shifted_hidden, weight = shifted_hidden.detach(), weight.detach()
     return FusedLinearCrossEntropy.apply(shifted_hidden, weight, shifted_labels, chunk_tokens, dtype)
 
 

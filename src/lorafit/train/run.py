@@ -17,7 +17,7 @@ from rich.console import Console
 from lorafit.adapters.save import folder_bytes, save_adapter, save_full_model, save_initial_adapter
 from lorafit.config import RunConfig, config_to_yaml
 from lorafit.data.chat_template import resolve_chat_template
-from lorafit.data.datasets import load_run_documents, load_text_blocks, pack_run_documents
+from lorafit.data.datasets import load_eval_blocks, load_run_documents, pack_run_documents
 from lorafit.data.documents import Problems
 from lorafit.errors import ConfigError, DataError, LorafitError, TrainingInterruptedError, UsageError
 from lorafit.evaluate.compare import generation_prompts, generation_rows, model_outputs, task_report
@@ -41,6 +41,7 @@ from lorafit.train.loop import LoopState, UnstableTrainingError, record_validati
 from lorafit.train.objective import CausalLMObjective
 from lorafit.train.precision import autocast_context, resolve_precision
 from lorafit.train.progress import training_progress
+from lorafit.train.report import write_run_report
 from lorafit.train.run_folder import input_fingerprints, keep_metrics_up_to, prepare_out_dir
 
 log = logging.getLogger(__name__)
@@ -158,7 +159,7 @@ def run_training(
         raise DataError(f"No usable task records in {', '.join(config.eval.tasks)}; check eval.tasks.")
     report_problems(console, task_problems.items)
     general_blocks = (
-        load_text_blocks(config.eval.general, config.data.text_field, tokenizer, train_cfg.seq_len)
+        load_eval_blocks(config.eval.general, config.data, tokenizer, train_cfg.seq_len, template)
         if config.eval.general
         else None
     )
@@ -367,6 +368,7 @@ def run_training(
             {"where": p.where, "reason": p.reason, "message": p.message} for p in documents.problems.items
         ],
     }
+    general_after = None
     if general_before is not None:
         general_after = validate(capped_general)
         summary.update(
@@ -405,4 +407,21 @@ def run_training(
         summary["peak_rss_mb"] = peak_rss_mb()
         summary["wall_seconds"] = time.perf_counter() - wall_start
         write_json_atomic(out_dir / "summary.json", summary)
+        if config.eval.report:
+            write_run_report(
+                out_dir,
+                config,
+                summary,
+                measured={
+                    "valid_before": before,
+                    "valid_after": after,
+                    "general_before": general_before,
+                    "general_after": general_after,
+                },
+                outputs={"base": base_outputs, "tuned": tuned_outputs},
+                blocks={"valid": valid_blocks, "general": capped_general},
+                task_records=len(task_records),
+                prompts=shown_prompts,
+                base=metadata["base_model"],
+            )
     return RunResult(out_dir=out_dir, summary=summary)

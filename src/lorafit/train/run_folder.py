@@ -11,7 +11,15 @@ from lorafit.data.pack import PackedBlocks
 from lorafit.errors import UsageError
 from lorafit.io import write_text_atomic
 
-RUN_FILES = ("metrics.jsonl", "summary.json", "tasks.json", "base_outputs.json")
+RUN_FILES = (
+    "metrics.jsonl",
+    "summary.json",
+    "tasks.json",
+    "base_outputs.json",
+    "report.json",
+    "report.md",
+    "report.html",
+)
 RUN_FOLDERS = ("checkpoints", "adapter", "adapter-init", "model")
 
 

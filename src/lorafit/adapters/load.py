@@ -1,0 +1,105 @@
+"""Find what a run produced: an adapter (PEFT folder) or a fully fine-tuned model, with the run's
+records (lorafit.json, summary.json, metrics.jsonl) when they are there."""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from lorafit.errors import UsageError
+
+_NAME = re.compile(r"^[\w.+-]+$")
+
+
+@dataclass
+class TrainedModel:
+    name: str
+    kind: str  # "lora" (PEFT adapter folder) or "full" (transformers model folder)
+    path: Path
+    run_dir: Path | None  # the run folder that made it, when known
+    metadata: dict  # lorafit.json; {} for a PEFT folder made elsewhere
+
+    @property
+    def summary(self) -> dict:
+        """The run's summary.json ({} when unknown)."""
+        file = self.run_dir / "summary.json" if self.run_dir else None
+        return json.loads(file.read_text()) if file and file.is_file() else {}
+
+    @property
+    def base_spec(self) -> str | None:
+        """The base model the adapter was trained on, as the user named it ('' = embedded default)."""
+        base = self.metadata.get("base_model") or {}
+        return base.get("spec")
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+    except (OSError, json.JSONDecodeError) as exc:
+        raise UsageError(f"{path}: cannot read it ({exc}); restore it from the run or retrain.") from None
+
+
+def _is_run(folder: Path) -> bool:
+    return (folder / "config.yaml").is_file() or (folder / "summary.json").is_file()
+
+
+def locate_trained(spec: str) -> TrainedModel:
+    """`spec` is PATH or NAME=PATH; PATH a run folder, its adapter/ or model/, or a PEFT adapter folder."""
+    name, path_text = "", spec
+    left, sep, right = spec.partition("=")
+    if sep and _NAME.match(left) and not Path(spec).exists():
+        name, path_text = left, right
+    path = Path(path_text).expanduser()
+    if not path.is_dir():
+        raise UsageError(f"--adapter {spec}: no such folder; name a run folder or an adapter folder.")
+    run_dir: Path | None = None
+    if (path / "adapter" / "adapter_config.json").is_file():
+        run_dir, path, kind = path, path / "adapter", "lora"
+    elif (path / "model" / "config.json").is_file() and (path / "model" / "lorafit.json").is_file():
+        run_dir, path, kind = path, path / "model", "full"
+    elif (path / "adapter_config.json").is_file():
+        kind = "lora"
+    elif (path / "config.json").is_file() and (path / "lorafit.json").is_file():
+        kind = "full"
+    else:
+        raise UsageError(
+            f"--adapter {spec}: {path} is not a run folder, a PEFT adapter folder (adapter_config.json) or a "
+            "model folder saved by lorafit; point it at one of those."
+        )
+    if run_dir is None and _is_run(path.parent):
+        run_dir = path.parent
+    if not name:
+        name = (run_dir or path).resolve().name
+    return TrainedModel(name=name, kind=kind, path=path, run_dir=run_dir, metadata=_read_json(path / "lorafit.json"))
+
+
+def check_same_base(trained: TrainedModel, base_name: str, base_fingerprint: str) -> None:
+    """Refuse an adapter trained on other base weights than the ones loaded: it would load (same
+    shapes) and quietly compute nonsense."""
+    recorded = trained.metadata.get("base_model") or {}
+    theirs = recorded.get("weights_fingerprint")
+    if theirs and base_fingerprint and theirs != base_fingerprint:
+        raise UsageError(
+            f"{trained.name} ({trained.path}) was trained on {recorded.get('name') or recorded.get('path')} "
+            f"(weights {theirs}), but the base model loaded is {base_name} (weights {base_fingerprint}); pass "
+            "--base with the model it was trained on, or --allow-base-mismatch to evaluate it anyway."
+        )
+
+
+def adapter_parameters(path: Path) -> int | None:
+    """Parameters stored in a PEFT adapter's safetensors file (read from its header only)."""
+    file = path / "adapter_model.safetensors"
+    if not file.is_file():
+        return None
+    from safetensors import safe_open
+
+    total = 0
+    with safe_open(str(file), framework="pt") as handle:
+        for key in handle.keys():  # noqa: SIM118 (a safetensors handle is not iterable)
+            count = 1
+            for size in handle.get_slice(key).get_shape():
+                count *= size
+            total += count
+    return total

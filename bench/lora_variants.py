@@ -7,8 +7,10 @@ tokens/s, peak RSS, validation perplexity before/after on held-out pydocs pages,
 the perplexity change on general English (../shared/data/general/fortunes.jsonl).
 
     .venv/bin/python bench/lora_variants.py [--steps 30] [--only NAME ...] [--data ../shared/data]
+                                            [--report DIR]
 
-Prints a Markdown table and one RESULT line per variant (key=value, for scripts).
+Prints a Markdown table and one RESULT line per variant (key=value, for scripts). With --report,
+`lorafit eval` then compares every variant in one report (one column each) written to DIR.
 """
 
 from __future__ import annotations
@@ -111,6 +113,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--only", nargs="*", choices=list(VARIANTS), help="run only these variants")
     parser.add_argument("--data", type=Path, default=DEFAULT_DATA, help="folder holding pydocs/ and general/")
+    parser.add_argument("--report", type=Path, help="also write a lorafit eval report of every variant here")
     args = parser.parse_args()
     train, valid_all = args.data / "pydocs" / "text" / "train.jsonl", args.data / "pydocs" / "text" / "valid.jsonl"
     general = args.data / "general" / "fortunes.jsonl"
@@ -136,6 +139,11 @@ def main() -> None:
             rows.append(row)
             print("RESULT " + " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()))
             print(markdown(rows[-1:]).splitlines()[-1], flush=True)
+        if args.report:
+            trained = [f"--adapter={row['name']}={work / row['name']}" for row in rows if "error" not in row]
+            command = [sys.executable, "-m", "lorafit.cli", "eval", *trained, "--domain", str(valid)]
+            command += ["--general", str(general), "--out", str(args.report)]
+            subprocess.run(command, check=True)
     print()
     print(markdown(rows))
 

@@ -115,6 +115,18 @@ def test_eval_compares_adapters_on_the_same_data(two_runs, tmp_path):
     assert "| | base | slow | quick |" in (out / "report.md").read_text().replace("|  |", "| |")
 
 
+def test_eval_takes_a_fully_fine_tuned_model_beside_an_adapter(two_runs, tiny_model_dir, tmp_path):
+    full = train_run(tmp_path, tiny_model_dir, "full", "train.method=full", "train.lr=1e-3", "eval.general=[]")
+    out = tmp_path / "report"
+    result = invoke("eval", "--adapter", str(full), "--adapter", str(two_runs["fast"]), "--out", str(out))
+    assert result.exit_code == 0, result.output
+    report = json.loads((out / "report.json").read_text())
+    assert [(m["name"], m["kind"]) for m in report["models"]] == [("base", "base"), ("full", "full"), ("fast", "lora")]
+    summary = json.loads((full / "summary.json").read_text())
+    assert report["models"][1]["domain_ppl"] == pytest.approx(summary["valid_ppl_after"], rel=1e-5)
+    assert report["models"][1]["cost"]["trainable_parameters"] == summary["trainable_parameters"]["trainable"]
+
+
 def test_eval_refuses_an_adapter_of_another_base(two_runs, tiny_model_dir, tmp_path):
     other = tmp_path / "other-base"
     shutil.copytree(tiny_model_dir, other)

@@ -313,6 +313,48 @@ def print_report(report: dict) -> None:
         console.print(line, highlight=False)
 
 
+@app.command()
+def merge(
+    adapter: Annotated[str, typer.Argument(metavar="RUN_OR_ADAPTER", help="A run folder or a PEFT adapter folder.")],
+    out: Annotated[Path, typer.Option("--out", metavar="DIR", help="Folder for the merged transformers model.")],
+    dtype: Annotated[str, typer.Option(help="Weights of the merged model: f32, bf16 or f16.")] = "bf16",
+    base: Annotated[
+        str | None, typer.Option(help="Base model (default: the one the adapter records in lorafit.json).")
+    ] = None,
+    max_shard_mb: Annotated[int, typer.Option(help="Largest safetensors shard, in MB.")] = 2048,
+    overwrite: Annotated[bool, typer.Option(help="Replace a non-empty --out.")] = False,
+    allow_base_mismatch: Annotated[
+        bool, typer.Option(help="Merge even if the adapter records other base weights.")
+    ] = False,
+) -> None:
+    """Merge a LoRA adapter into its base: a plain transformers model folder (safetensors, config,
+    tokenizer and chat template), streamed tensor by tensor."""
+    from lorafit.adapters.merge import merge_adapter
+
+    try:
+        if max_shard_mb < 1:
+            raise UsageError("--max-shard-mb must be at least 1.")
+        result = merge_adapter(
+            adapter,
+            out,
+            dtype=dtype,
+            base=base,
+            allow_base_mismatch=allow_base_mismatch,
+            overwrite=overwrite,
+            max_shard_bytes=max_shard_mb * 1024**2,
+        )
+    except LorafitError as exc:
+        _fail(exc)
+        return
+    s = result.summary
+    console.print(
+        f"merged {s['merged_modules']} modules of {s['adapter']} into {s['base']} ({s['dtype']}): "
+        f"{s['bytes'] / 1e6:,.1f} MB in {len(s['files'])} file(s), {s['seconds']:.1f} s, "
+        f"peak RSS {s['peak_rss_mb']:,.0f} MB -> {result.out_dir}",
+        highlight=False,
+    )
+
+
 def bare_resume_means_latest(argv: list[str]) -> list[str]:
     """`--resume` with no value (last, or followed by another option) means `--resume latest`;
     typer has no options with an optional value."""

@@ -14,7 +14,7 @@ from lorafit import __version__
 from lorafit.io import write_json_atomic
 
 
-def _write_atomically(out_dir: Path, write: Callable[[Path], None]) -> Path:
+def write_folder_atomically(out_dir: Path, write: Callable[[Path], None]) -> Path:
     """Fill a temporary sibling folder with `write`, then rename it into place (never half-written)."""
     out_dir = Path(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
@@ -41,7 +41,9 @@ def save_initial_adapter(peft_model, out_dir: Path) -> Path:
     init = config.init_lora_weights
     config.init_lora_weights = True  # loading it must not run the SVD again
     try:
-        return _write_atomically(out_dir, lambda folder: peft_model.save_pretrained(folder, safe_serialization=True))
+        return write_folder_atomically(
+            out_dir, lambda folder: peft_model.save_pretrained(folder, safe_serialization=True)
+        )
     finally:
         config.init_lora_weights = init
 
@@ -59,7 +61,7 @@ def save_adapter(peft_model, out_dir: Path, metadata: dict, initial_adapter: Pat
             peft_model.save_pretrained(folder, safe_serialization=True, **extra)
         write_json_atomic(folder / "lorafit.json", {"lorafit_version": __version__, **metadata})
 
-    return _write_atomically(out_dir, write)
+    return write_folder_atomically(out_dir, write)
 
 
 def save_full_model(model, tokenizer, out_dir: Path, metadata: dict) -> Path:
@@ -70,7 +72,7 @@ def save_full_model(model, tokenizer, out_dir: Path, metadata: dict) -> Path:
         tokenizer.save_pretrained(folder)
         write_json_atomic(folder / "lorafit.json", {"lorafit_version": __version__, **metadata})
 
-    return _write_atomically(out_dir, write)
+    return write_folder_atomically(out_dir, write)
 
 
 def folder_bytes(folder: Path, pattern: str = "*.safetensors") -> int:

@@ -193,8 +193,10 @@ def headline(report: dict) -> list[str]:
         parts = []
         if model["domain_ppl_change_percent"] is not None:
             parts.append(f"domain perplexity {model['domain_ppl_change_percent']:+.1f}%")
-        if model["general_ppl_change_percent"] is not None:
-            parts.append(f"general-text perplexity {model['general_ppl_change_percent']:+.1f}% (forgetting)")
+        change = model["general_ppl_change_percent"]
+        if change is not None:
+            verdict = "forgetting" if change > 0 else "no forgetting"
+            parts.append(f"general-text perplexity {change:+.1f}% ({verdict})")
         for key in ("rouge_l", "token_f1", "mc_accuracy"):
             if key in model["tasks_change"]:
                 parts.append(f"{TASK_METRICS[key]} {model['tasks_change'][key]:+.3f}")

@@ -138,3 +138,17 @@ def weights_fingerprint(ref: BaseModelRef) -> str:
     if config.is_file():
         digest.update(json.dumps(json.loads(config.read_text()), sort_keys=True).encode())
     return digest.hexdigest()[:16]
+
+
+def tokenizer_identity(tokenizer, ref: BaseModelRef) -> dict:
+    """What an adapter records of the tokenizer it was trained with (lorafit.json)."""
+    file = Path(ref.path) / "tokenizer.json"
+    return {
+        "path": ref.path,
+        "class": type(tokenizer).__name__,
+        "vocab_size": len(tokenizer),
+        "bos_token": tokenizer.bos_token,
+        "eos_token": tokenizer.eos_token,
+        "pad_token": tokenizer.pad_token,
+        "sha256": hashlib.sha256(file.read_bytes()).hexdigest() if file.is_file() else None,
+    }

@@ -24,7 +24,13 @@ from lorafit.evaluate.compare import generation_prompts, generation_rows, model_
 from lorafit.evaluate.perplexity import LossResult, evaluate_loss
 from lorafit.evaluate.tasks import load_task_records
 from lorafit.io import append_jsonl, write_json_atomic, write_text_atomic
-from lorafit.model.load import load_model_config, load_tokenizer, resolve_base, weights_fingerprint
+from lorafit.model.load import (
+    load_model_config,
+    load_tokenizer,
+    resolve_base,
+    tokenizer_identity,
+    weights_fingerprint,
+)
 from lorafit.model.lora import changes_base_weights, optimizer_groups
 from lorafit.model.prepare import prepare_trainable_model
 from lorafit.model.quantize import check_quantization
@@ -385,8 +391,11 @@ def run_training(
                 "weights_fingerprint": weights_fingerprint(ref),
             },
             "config": config.model_dump(mode="json"),
+            "tokenizer": tokenizer_identity(tokenizer, ref),
             "chat_template": None if template is None else {"origin": template.origin, "text": template.text},
             "data": data_stats,
+            # Hashes of the token blocks trained and validated on: the same data gives the same hashes.
+            "data_hashes": {"train": fingerprints["train_data"], "valid": fingerprints["valid_data"]},
             "metrics": {k: summary[k] for k in ("valid_ppl_before", "valid_ppl_after", "steps", "train_tokens")},
         }
         if trainable.method == "full":

@@ -1,0 +1,206 @@
+"""One base model, several adapters, switched without reloading (`lorafit chat`, `AdapterSession`).
+
+    from lorafit.adapters.switch import AdapterSession
+    session = AdapterSession({"law": "runs/law", "med": "runs/med"})
+    session.use("law"); session.chat([{"role": "user", "content": "..."}])
+    session.combine("both", {"law": 0.5, "med": 0.5}); session.save("both", "adapters/both")
+
+Adapters are PEFT named adapters on one model: switching is a pointer change. Each adapter keeps
+the chat template it was trained with (from its lorafit.json), so switching never changes the
+prompt format under an adapter.
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+
+from lorafit import __version__
+from lorafit.adapters.load import TrainedModel, check_same_base, locate_trained
+from lorafit.adapters.save import write_folder_atomically
+from lorafit.data.chat_template import ChatTemplate, render_prompt, resolve_chat_template
+from lorafit.errors import UsageError
+from lorafit.evaluate.generate import generation_mode, greedy_generate
+from lorafit.io import write_json_atomic
+from lorafit.model.load import load_causal_lm, load_tokenizer, resolve_base, weights_fingerprint
+from lorafit.train.precision import autocast_context, resolve_precision
+
+BASE = "base"
+COMBINATIONS = ("cat", "linear", "svd")
+
+
+class AdapterSession:
+    """A base model with named adapters; `use` picks one ('base' = none)."""
+
+    def __init__(
+        self,
+        adapters: dict[str, str],
+        base: str | None = None,
+        precision: str = "auto",
+        allow_base_mismatch: bool = False,
+    ):
+        from peft import PeftModel
+
+        if not adapters:
+            raise UsageError("Name at least one adapter: --adapter NAME=PATH.")
+        trained = {name: locate_trained(f"{name}={path}") for name, path in adapters.items()}
+        if BASE in trained:
+            raise UsageError("'base' names the base model itself; give the adapter another name.")
+        full = [name for name, item in trained.items() if item.kind != "lora"]
+        if full:
+            raise UsageError(f"{full[0]} is a fully fine-tuned model, not an adapter; open it with --base.")
+        first = next(iter(trained.values()))
+        spec = base if base is not None else first.base_spec
+        if spec is None:
+            raise UsageError(f"{first.path} records no base model (no lorafit.json); pass --base MODEL.")
+        self.ref = resolve_base(spec)
+        fingerprint = weights_fingerprint(self.ref)
+        if not allow_base_mismatch:
+            for item in trained.values():
+                check_same_base(item, self.ref.name, fingerprint)
+        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        self.precision = resolve_precision(precision, self.device)
+        dtype = torch.bfloat16 if self.precision == "bf16" else torch.float32
+        self.tokenizer = load_tokenizer(self.ref)
+        model = load_causal_lm(self.ref, dtype).to(self.device)
+        self.trained: dict[str, TrainedModel] = trained
+        self.combined: dict[str, dict] = {}  # adapter made by combine() -> its recipe
+        self.templates: dict[str, ChatTemplate] = {BASE: resolve_chat_template(self.tokenizer, "auto")}
+        self.model = None
+        for name, item in trained.items():
+            if self.model is None:
+                self.model = PeftModel.from_pretrained(model, str(item.path), adapter_name=name)
+            else:
+                self.model.load_adapter(str(item.path), adapter_name=name)
+            self.templates[name] = self._template_of(item)
+        self.model.requires_grad_(False)
+        self.model.eval()
+        self.active = next(iter(trained))
+        self.use(self.active)
+
+    def _template_of(self, item: TrainedModel) -> ChatTemplate:
+        recorded = item.metadata.get("chat_template") or {}
+        if recorded.get("text"):
+            return ChatTemplate(recorded["text"], recorded.get("origin", "recorded"))
+        return self.templates[BASE]
+
+    @property
+    def names(self) -> list[str]:
+        return [BASE, *self.templates.keys() - {BASE}]
+
+    def use(self, name: str) -> None:
+        """Switch to adapter `name`, or to the bare base model with 'base'."""
+        if name not in self.templates:
+            raise UsageError(f"No adapter named '{name}'; loaded: {', '.join(self.names)}.")
+        if name == BASE:
+            self.model.base_model.disable_adapter_layers()
+        else:
+            self.model.base_model.enable_adapter_layers()
+            self.model.set_adapter(name)
+            self.model.requires_grad_(False)  # set_adapter marks the active adapter trainable
+        self.active = name
+
+    def chat(self, messages: list[dict], max_new_tokens: int = 256) -> str:
+        """The active model's greedy answer to a conversation, through its own chat template."""
+        prompt = render_prompt(self.tokenizer, self.templates[self.active], messages)
+        return self.complete(prompt, max_new_tokens)
+
+    def complete(self, prompt: str, max_new_tokens: int = 256) -> str:
+        """The active model's greedy continuation of raw text."""
+        with generation_mode(self.model):
+            return greedy_generate(
+                self.model,
+                self.tokenizer,
+                [prompt],
+                max_new_tokens,
+                self.device,
+                lambda: autocast_context(self.precision, self.device),
+            )[0]
+
+    def combine(self, name: str, weights: dict[str, float], combination_type: str = "cat") -> None:
+        """A new adapter `name` = the weighted combination of loaded adapters (PEFT's
+        add_weighted_adapter). 'cat' (default) is exact: its weight change is the weighted sum of
+        theirs; 'svd' approximates that at the largest input rank; 'linear' mixes the A and B
+        matrices (cheap, rough)."""
+        if name in self.templates:
+            raise UsageError(f"An adapter named '{name}' is already loaded; choose another name.")
+        unknown = [a for a in weights if a not in self.templates or a == BASE]
+        if unknown:
+            raise UsageError(f"Cannot combine '{unknown[0]}': loaded adapters are {', '.join(self.names[1:])}.")
+        if combination_type not in COMBINATIONS:
+            raise UsageError(f"combination {combination_type!r}: use one of {', '.join(COMBINATIONS)}.")
+        dora = [a for a in weights if self.model.peft_config[a].use_dora]
+        if dora:
+            raise UsageError(f"{dora[0]} is a DoRA adapter; PEFT cannot combine DoRA adapters.")
+        patterned = [
+            a for a in weights if self.model.peft_config[a].rank_pattern or self.model.peft_config[a].alpha_pattern
+        ]
+        if patterned:
+            raise UsageError(f"{patterned[0]} has per-module ranks or alphas; lorafit combines uniform adapters only.")
+        try:
+            self.model.add_weighted_adapter(
+                list(weights), list(weights.values()), name, combination_type=combination_type
+            )
+        except ValueError as exc:  # PEFT's own refusals (e.g. 'linear' with different ranks)
+            raise UsageError(f"Cannot combine {', '.join(weights)} with '{combination_type}': {exc}") from None
+        self._scale_one(name)
+        self.templates[name] = self.templates[next(iter(weights))]
+        self.combined[name] = {"weights": weights, "type": combination_type}
+        self.use(self.active)  # add_weighted_adapter leaves the active adapter as it was; keep ours
+
+    def _scale_one(self, name: str) -> None:
+        """PEFT builds a combined adapter with alpha = rank, i.e. scale 1, with the inputs' scales
+        folded into its matrices; but it copies the first input's config, and an inherited rsLoRA
+        flag would scale it by sqrt(rank) again (alpha / sqrt(r)). Scale 1 it is, saved so too."""
+        from peft.tuners.lora import LoraLayer
+
+        self.model.peft_config[name].use_rslora = False
+        for module in self.model.modules():
+            if isinstance(module, LoraLayer) and name in module.scaling:
+                module.scaling[name] = module.lora_alpha[name] / module.r[name]
+
+    def save(self, name: str, out_dir: str | Path) -> Path:
+        """Write adapter `name` as a standard PEFT folder plus lorafit.json."""
+        if name not in self.templates or name == BASE:
+            raise UsageError(f"No adapter named '{name}' to save; loaded: {', '.join(self.names[1:])}.")
+        template = self.templates[name]
+        first = self.trained.get(name) or self.trained[next(iter(self.combined[name]["weights"]))]
+        metadata = {
+            "lorafit_version": __version__,
+            "base_model": first.metadata.get("base_model")
+            or {"spec": self.ref.spec, "name": self.ref.name, "path": self.ref.path},
+            "chat_template": {"origin": template.origin, "text": template.text},
+        }
+        combined = self.combined.get(name)
+        if combined:
+            metadata["combined_from"] = {
+                "adapters": {a: str(self.trained[a].path) for a in combined["weights"] if a in self.trained},
+                "weights": combined["weights"],
+                "combination_type": combined["type"],
+            }
+
+        def write(folder: Path) -> None:
+            # PEFT writes a non-default adapter into a sub-folder named after it: write, then lift it.
+            with tempfile.TemporaryDirectory(dir=folder) as scratch:
+                self.model.save_pretrained(scratch, selected_adapters=[name], safe_serialization=True)
+                source = Path(scratch) / name if (Path(scratch) / name).is_dir() else Path(scratch)
+                for item in source.iterdir():
+                    if item.is_file():
+                        shutil.move(str(item), folder / item.name)
+            write_json_atomic(folder / "lorafit.json", metadata)
+
+        return write_folder_atomically(Path(out_dir), write)
+
+
+def parse_named(specs: list[str]) -> dict[str, str]:
+    """['law=runs/law', 'runs/med'] -> {'law': 'runs/law', 'med': 'runs/med'} (names must be unique)."""
+    named: dict[str, str] = {}
+    for spec in specs:
+        item = locate_trained(spec)
+        if item.name in named:
+            raise UsageError(f"Two adapters are named '{item.name}'; name them with --adapter NAME=PATH.")
+        named[item.name] = str(item.path)
+    return named

@@ -12,7 +12,7 @@ import torch
 from test_merge import train_adapter
 
 from lorafit.adapters.export import export_gguf, llama_cpp_available
-from lorafit.adapters.gguf_export import interleave_rotary_rows, rope_settings
+from lorafit.adapters.gguf_export import LORA_ALPHA, interleave_rotary_rows, rope_settings
 from lorafit.adapters.modelfile import ollama_template
 from lorafit.data.chat_template import DEFAULT_CHAT_TEMPLATE
 from lorafit.model.embedded import embedded_gguf_path
@@ -116,12 +116,13 @@ def test_adapter_only_gguf_holds_scaled_lora_pairs(tiny_run, tmp_path):
     result = export_gguf(str(tiny_run), out, adapter_only=True, verify=False)
     reader = read_gguf(out)
     assert field(reader, "general.type") == "adapter" and field(reader, "adapter.type") == "lora"
-    assert field(reader, "adapter.lora.alpha") == 0.0  # each module's scale is folded into its B
+    assert field(reader, "adapter.lora.alpha") == LORA_ALPHA  # each module's scale is folded into its B
     tensors = {t.name: t for t in reader.tensors}
     adapter = read_adapter(tiny_run / "adapter")
     module = "model.layers.0.self_attn.v_proj"
     b = np.asarray(tensors["blk.0.attn_v.weight.lora_b"].data)
-    expected = (adapter.lora[module]["B"] * adapter.scale(module)).numpy()
+    rank = adapter.lora[module]["A"].shape[0]
+    expected = (adapter.lora[module]["B"] * adapter.scale(module) * rank / LORA_ALPHA).numpy()
     np.testing.assert_allclose(b.reshape(expected.shape), expected, rtol=1e-6)
     assert len(tensors) == 2 * len(adapter.lora)
     assert "ADAPTER ./adapter.gguf" in result.modelfile.read_text()
@@ -181,3 +182,28 @@ def random_adapter_on_embedded_model(folder: Path) -> Path:
         "chat_template": {"origin": "model", "text": template},
     }
     return save_adapter(model, folder, metadata)
+
+
+@pytest.mark.slow
+@needs_llama_cpp
+def test_embedded_tokenizer_ids_equal_llama_cpp_on_the_pydocs_pages():
+    """lorafit's cached SmolLM2 tokenizer (individual digits restored) and llama.cpp reading the
+    original GGUF give the same ids on every page of the shipped pydocs sample."""
+    from llama_cpp import Llama
+
+    from lorafit.data.prepare import PrepareOptions, prepare_documents
+    from lorafit.model.load import load_tokenizer, resolve_base
+
+    pages = Path(__file__).resolve().parents[1] / "examples" / "pydocs-sample"
+    prepared = prepare_documents([pages], PrepareOptions(valid_ratio=0.0))
+    texts = [document.text for document in prepared.train]
+    assert len(texts) > 30
+    tokenizer = load_tokenizer(resolve_base(""))
+    vocab = Llama(model_path=str(embedded_gguf_path()), vocab_only=True, verbose=False)
+    mismatched = [
+        text[:60]
+        for text in texts
+        if vocab.tokenize(text.encode("utf-8"), add_bos=False, special=False)
+        != tokenizer(text, add_special_tokens=False)["input_ids"]
+    ]
+    assert not mismatched

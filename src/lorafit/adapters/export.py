@@ -8,7 +8,10 @@ transformers on held-out texts and a chat prompt. A Modelfile for Ollama is writ
 from __future__ import annotations
 
 import json
+import os
+import sys
 import tempfile
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -141,7 +144,27 @@ def quantize_with_llama_cpp(source: Path, out_file: Path, kind: str) -> dict:
 
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype = {"q4_k_m": llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_K_M}[kind]
-    status = llama_cpp.llama_model_quantize(str(source).encode(), str(out_file).encode(), ctypes.byref(params))
+    with native_output_silenced():  # llama.cpp prints a line per tensor from C
+        status = llama_cpp.llama_model_quantize(str(source).encode(), str(out_file).encode(), ctypes.byref(params))
     if status != 0:
         raise UsageError(f"llama.cpp could not quantize {source} to {kind} (status {status}).")
     return {"type": kind, "bytes": out_file.stat().st_size}
+
+
+@contextmanager
+def native_output_silenced():
+    """Send what C code writes to stdout/stderr to /dev/null for a while (Python's own streams
+    are flushed first, so nothing of ours is lost or reordered)."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    saved = [os.dup(1), os.dup(2)]
+    with open(os.devnull, "w") as null:
+        os.dup2(null.fileno(), 1)
+        os.dup2(null.fileno(), 2)
+        try:
+            yield
+        finally:
+            os.dup2(saved[0], 1)
+            os.dup2(saved[1], 2)
+            for fd in saved:
+                os.close(fd)

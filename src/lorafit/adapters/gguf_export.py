@@ -20,6 +20,7 @@ from lorafit.adapters.merge import TensorFile, _base_tensor_files
 from lorafit.errors import UsageError
 
 GGUF_TYPES = ("f32", "f16", "bf16", "q8_0")
+LORA_ALPHA = 1.0  # written into LoRA files; each module's true scale is folded into its B
 # transformers' pre-tokenizer of a model family -> llama.cpp's name for the same splitting rules.
 PRE_TOKENIZERS = {"smollm": "smollm", "llama3": "llama-bpe", "llama-bpe": "llama-bpe", "gpt2": "gpt-2"}
 
@@ -246,9 +247,10 @@ def write_gguf(
 
 def write_lora_gguf(adapter, config: dict, out_file: Path, name: str = "") -> dict:
     """A llama.cpp LoRA adapter file (`llama-cli --lora FILE` over the base's GGUF): each adapted
-    module's A and B (B's q/k rows in llama.cpp's rotary order). llama.cpp scales a LoRA by
-    alpha / rank per tensor; lorafit folds each module's own scale (rsLoRA, alpha_pattern) into B
-    and writes alpha 0, which llama.cpp reads as "no further scaling"."""
+    module's A and B (B's q/k rows in llama.cpp's rotary order). llama.cpp scales every tensor of
+    a LoRA file by one alpha over that tensor's rank; lorafit writes alpha LORA_ALPHA and folds each
+    module's own scale (rsLoRA, alpha_pattern, rank_pattern) into its B, so every module comes out
+    exact whatever its rank."""
     import gguf
 
     _check_architecture(config, out_file.parent)
@@ -268,13 +270,14 @@ def write_lora_gguf(adapter, config: dict, out_file: Path, name: str = "") -> di
     writer.add_type(gguf.GGUFType.ADAPTER)
     writer.add_name(name or out_file.stem)
     writer.add_string(gguf.Keys.Adapter.TYPE, "lora")
-    writer.add_float32(gguf.Keys.Adapter.LORA_ALPHA, 0.0)
+    writer.add_float32(gguf.Keys.Adapter.LORA_ALPHA, LORA_ALPHA)
     try:
         for module, parts in sorted(adapter.lora.items()):
             base_name = names.get_name(f"{module}.weight", try_suffixes=(".weight",))
             if base_name is None:
                 raise UsageError(f"The adapter adapts {module}, which has no place in a llama GGUF file.")
-            b = parts["B"] * adapter.scale(module)
+            rank = parts["A"].shape[0]
+            b = parts["B"] * (adapter.scale(module) * rank / LORA_ALPHA)  # llama.cpp applies alpha / rank
             if module.endswith("self_attn.q_proj"):
                 b = interleave_rotary_rows(b, heads)
             elif module.endswith("self_attn.k_proj"):

@@ -1,5 +1,6 @@
-"""An Ollama Modelfile beside a GGUF export: FROM, the chat template in Ollama's Go-template
-language, and the stop tokens, so `ollama create NAME -f Modelfile` chats as the model was trained.
+"""An Ollama Modelfile beside a GGUF export (FILE.gguf -> FILE.Modelfile): FROM, the chat template
+in Ollama's Go-template language, and the stop tokens, so `ollama create NAME -f FILE.Modelfile`
+chats as the model was trained.
 
 Jinja (transformers) cannot be translated to Go templates in general; the formats lorafit trains
 with are: ChatML (<|im_start|>role ... <|im_end|>, the embedded SmolLM2's, Qwen's) with its default
@@ -54,6 +55,6 @@ def write_modelfile(
         go_template, stops = translated
         lines += [f'TEMPLATE """{go_template}"""', ""]
         lines += [f'PARAMETER stop "{stop}"' for stop in stops]
-    out = gguf_file.with_name("Modelfile")
+    out = gguf_file.with_name(f"{gguf_file.stem}.Modelfile")  # one per export: several can share a folder
     out.write_text("\n".join(lines).rstrip() + "\n", encoding="utf-8")
     return out, translated is not None

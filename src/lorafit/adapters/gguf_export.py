@@ -11,6 +11,7 @@ trained with. Norms and other 1-D tensors stay f32, as llama.cpp expects.
 from __future__ import annotations
 
 import json
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -49,6 +50,37 @@ def interleave_rotary_rows(weight: torch.Tensor, heads: int) -> torch.Tensor:
     rows, columns = weight.shape
     half = rows // heads // 2
     return weight.reshape(heads, 2, half, columns).transpose(1, 2).reshape(rows, columns)
+
+
+def llama_rotary_order(module: str, rows: torch.Tensor, heads: int, kv_heads: int) -> torch.Tensor:
+    """Output rows of `module` in llama.cpp's rotary order (only q and k projections change)."""
+    if module.endswith("self_attn.q_proj"):
+        return interleave_rotary_rows(rows, heads)
+    if module.endswith("self_attn.k_proj"):
+        return interleave_rotary_rows(rows, kv_heads)
+    return rows
+
+
+@contextmanager
+def gguf_writer(out_file: Path):
+    """A llama GGUFWriter on a hidden partial file, renamed to `out_file` only once all is written."""
+    import gguf
+
+    out_file = Path(out_file)
+    out_file.parent.mkdir(parents=True, exist_ok=True)
+    partial = out_file.with_name(f".{out_file.name}.partial")
+    writer = gguf.GGUFWriter(str(partial), "llama")
+    try:
+        yield writer
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_tensors_to_file()
+        writer.close()
+    except BaseException:
+        writer.close()
+        partial.unlink(missing_ok=True)
+        raise
+    partial.replace(out_file)
 
 
 def token_table(folder: Path) -> tuple[list[bytes], list[int], list[str]]:
@@ -129,50 +161,33 @@ def _check_architecture(config: dict, folder: Path) -> None:
         raise UsageError(f"{folder}: biases in attention or MLP layers are not part of the llama GGUF layout.")
 
 
-def write_gguf(
-    folder: Path,
-    out_file: Path,
-    gguf_type: str = "f16",
-    name: str = "",
-    chat_template: str | None = None,
-    pre_tokenizer: str | None = None,
-) -> dict:
-    """Write the transformers model in `folder` as a GGUF file (atomically); returns what was written."""
+def _heads(config: dict) -> tuple[int, int]:
+    heads = config["num_attention_heads"]
+    return heads, config.get("num_key_value_heads", heads)
+
+
+def _add_model_metadata(writer, config: dict, gguf_type: str, name: str, file_types: dict) -> None:
     import gguf
 
-    if gguf_type not in GGUF_TYPES:
-        raise UsageError(f"--type {gguf_type}: use one of {', '.join(GGUF_TYPES)} (or q4_k_m, via llama.cpp).")
-    config = json.loads((folder / "config.json").read_text())
-    _check_architecture(config, folder)
-    tensor_types, file_types = _gguf_types()
-    layers = config["num_hidden_layers"]
-    heads, kv_heads = config["num_attention_heads"], config.get("num_key_value_heads", config["num_attention_heads"])
-    head_dim = config.get("head_dim") or config["hidden_size"] // heads
-    tokens, token_types, merges = token_table(folder)
-    pre = pre_tokenizer_name(folder, pre_tokenizer)
-    tokenizer_config = json.loads((folder / "tokenizer_config.json").read_text())
-    template_file = folder / "chat_template.jinja"
-    template = chat_template or tokenizer_config.get("chat_template")
-    if template is None and template_file.is_file():
-        template = template_file.read_text(encoding="utf-8")
-
-    out_file = Path(out_file)
-    out_file.parent.mkdir(parents=True, exist_ok=True)
-    partial = out_file.with_name(f".{out_file.name}.partial")
-    writer = gguf.GGUFWriter(str(partial), "llama")
+    heads, kv_heads = _heads(config)
     writer.add_type(gguf.GGUFType.MODEL)
-    writer.add_name(name or folder.name)
+    writer.add_name(name)
     writer.add_context_length(config["max_position_embeddings"])
     writer.add_embedding_length(config["hidden_size"])
-    writer.add_block_count(layers)
+    writer.add_block_count(config["num_hidden_layers"])
     writer.add_feed_forward_length(config["intermediate_size"])
     writer.add_head_count(heads)
     writer.add_head_count_kv(kv_heads)
     writer.add_rope_freq_base(rope_settings(config)["rope_theta"])
     writer.add_layer_norm_rms_eps(float(config["rms_norm_eps"]))
-    writer.add_rope_dimension_count(head_dim)
+    writer.add_rope_dimension_count(config.get("head_dim") or config["hidden_size"] // heads)
     writer.add_vocab_size(config["vocab_size"])
     writer.add_file_type(file_types[gguf_type])
+
+
+def _add_tokenizer(
+    writer, folder: Path, tokens, token_types, merges, pre: str, tokenizer_config: dict, template
+) -> None:
     writer.add_tokenizer_model("gpt2")
     writer.add_tokenizer_pre(pre)
     writer.add_token_list(tokens)
@@ -196,25 +211,26 @@ def write_gguf(
     if template:
         writer.add_chat_template(template)
 
-    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, layers)
-    tensor_files = _base_tensor_files(folder)
+
+def _add_tensors(writer, folder: Path, config: dict, gguf_type: str, tensor_types: dict) -> int:
+    """Every weight of the model in `folder`, renamed, reordered and stored at `gguf_type`."""
+    import gguf
+
+    heads, kv_heads = _heads(config)
+    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, config["num_hidden_layers"])
     handles: dict[Path, TensorFile] = {}
     written = 0
     try:
-        for hf_name, file in tensor_files.items():
-            if file not in handles:
-                handles[file] = TensorFile(file)
-            tensor = handles[file].get(hf_name).float()
+        for hf_name, file in _base_tensor_files(folder).items():
             if hf_name.endswith("rotary_emb.inv_freq"):
                 continue
+            if file not in handles:
+                handles[file] = TensorFile(file)
             gguf_name = names.get_name(hf_name, try_suffixes=(".weight", ".bias"))
             if gguf_name is None:
                 raise UsageError(f"{folder}: tensor {hf_name} has no place in a llama GGUF file.")
-            if hf_name.endswith("self_attn.q_proj.weight"):
-                tensor = interleave_rotary_rows(tensor, heads)
-            elif hf_name.endswith("self_attn.k_proj.weight"):
-                tensor = interleave_rotary_rows(tensor, kv_heads)
-            array = tensor.numpy()
+            tensor = handles[file].get(hf_name).float()
+            array = llama_rotary_order(hf_name.removesuffix(".weight"), tensor, heads, kv_heads).numpy()
             kind = tensor_types[gguf_type] if array.ndim == 2 else gguf.GGMLQuantizationType.F32
             if kind == gguf.GGMLQuantizationType.Q8_0 and array.shape[-1] % 32:
                 kind = gguf.GGMLQuantizationType.F16  # rows Q8_0 cannot block: kept at f16
@@ -224,17 +240,39 @@ def write_gguf(
                 array = gguf.quants.quantize(array, kind)
             writer.add_tensor(gguf_name, array, raw_dtype=kind)
             written += 1
-        writer.write_header_to_file()
-        writer.write_kv_data_to_file()
-        writer.write_tensors_to_file()
-        writer.close()
-    except BaseException:
-        partial.unlink(missing_ok=True)
-        raise
     finally:
         for handle in handles.values():
             handle.close()
-    partial.replace(out_file)
+    return written
+
+
+def write_gguf(
+    folder: Path,
+    out_file: Path,
+    gguf_type: str = "f16",
+    name: str = "",
+    chat_template: str | None = None,
+    pre_tokenizer: str | None = None,
+) -> dict:
+    """Write the transformers model in `folder` as a GGUF file (atomically); returns what was written."""
+    if gguf_type not in GGUF_TYPES:
+        raise UsageError(f"--type {gguf_type}: use one of {', '.join(GGUF_TYPES)} (or q4_k_m, via llama.cpp).")
+    config = json.loads((folder / "config.json").read_text())
+    _check_architecture(config, folder)
+    tensor_types, file_types = _gguf_types()
+    tokens, token_types, merges = token_table(folder)
+    pre = pre_tokenizer_name(folder, pre_tokenizer)
+    tokenizer_config = json.loads((folder / "tokenizer_config.json").read_text())
+    template_file = folder / "chat_template.jinja"
+    template = chat_template or tokenizer_config.get("chat_template")
+    if template is None and template_file.is_file():
+        template = template_file.read_text(encoding="utf-8")
+
+    out_file = Path(out_file)
+    with gguf_writer(out_file) as writer:
+        _add_model_metadata(writer, config, gguf_type, name or folder.name, file_types)
+        _add_tokenizer(writer, folder, tokens, token_types, merges, pre, tokenizer_config, template)
+        written = _add_tensors(writer, folder, config, gguf_type, tensor_types)
     return {
         "file": str(out_file),
         "type": gguf_type,
@@ -253,6 +291,7 @@ def write_lora_gguf(adapter, config: dict, out_file: Path, name: str = "") -> di
     exact whatever its rank."""
     import gguf
 
+    out_file = Path(out_file)
     _check_architecture(config, out_file.parent)
     if any("magnitude" in parts for parts in adapter.lora.values()):
         raise UsageError("A DoRA adapter has no llama.cpp LoRA form; export it merged (without --adapter-only).")
@@ -261,37 +300,22 @@ def write_lora_gguf(adapter, config: dict, out_file: Path, name: str = "") -> di
             f"The adapter replaces whole tensors ({next(iter(adapter.replaced))}, modules_to_save), which a "
             "llama.cpp LoRA file cannot carry; export it merged (without --adapter-only)."
         )
-    heads, kv_heads = config["num_attention_heads"], config.get("num_key_value_heads", config["num_attention_heads"])
+    heads, kv_heads = _heads(config)
     names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, config["num_hidden_layers"])
-    out_file = Path(out_file)
-    out_file.parent.mkdir(parents=True, exist_ok=True)
-    partial = out_file.with_name(f".{out_file.name}.partial")
-    writer = gguf.GGUFWriter(str(partial), "llama")
-    writer.add_type(gguf.GGUFType.ADAPTER)
-    writer.add_name(name or out_file.stem)
-    writer.add_string(gguf.Keys.Adapter.TYPE, "lora")
-    writer.add_float32(gguf.Keys.Adapter.LORA_ALPHA, LORA_ALPHA)
-    try:
+    with gguf_writer(out_file) as writer:
+        writer.add_type(gguf.GGUFType.ADAPTER)
+        writer.add_name(name or out_file.stem)
+        writer.add_string(gguf.Keys.Adapter.TYPE, "lora")
+        writer.add_float32(gguf.Keys.Adapter.LORA_ALPHA, LORA_ALPHA)
         for module, parts in sorted(adapter.lora.items()):
             base_name = names.get_name(f"{module}.weight", try_suffixes=(".weight",))
             if base_name is None:
                 raise UsageError(f"The adapter adapts {module}, which has no place in a llama GGUF file.")
             rank = parts["A"].shape[0]
             b = parts["B"] * (adapter.scale(module) * rank / LORA_ALPHA)  # llama.cpp applies alpha / rank
-            if module.endswith("self_attn.q_proj"):
-                b = interleave_rotary_rows(b, heads)
-            elif module.endswith("self_attn.k_proj"):
-                b = interleave_rotary_rows(b, kv_heads)
+            b = llama_rotary_order(module, b, heads, kv_heads)
             writer.add_tensor(f"{base_name}.lora_a", parts["A"].numpy().astype(np.float32))
             writer.add_tensor(f"{base_name}.lora_b", b.numpy().astype(np.float32))
-        writer.write_header_to_file()
-        writer.write_kv_data_to_file()
-        writer.write_tensors_to_file()
-        writer.close()
-    except BaseException:
-        partial.unlink(missing_ok=True)
-        raise
-    partial.replace(out_file)
     return {
         "file": str(out_file),
         "type": "lora f32",

@@ -1,7 +1,8 @@
 """Perplexity-evaluation throughput: lorafit's evaluation vs the plain transformers loop tutorials show.
 
 Same model (the embedded SmolLM2-135M-Instruct), same packed 512-token blocks of held-out pydocs
-pages, same tokens scored. The peer is the tutorial loop: batch 1, fp32, `model(ids, labels=ids)`
+pages, same tokens scored; the two alternate batch by batch, so load changes on a shared machine
+hit both alike. The peer is the tutorial loop: batch 1, fp32, `model(ids, labels=ids)`
 under `torch.no_grad()`. lorafit is `evaluate_loss` as `lorafit train` runs it: bf16 weights where
 the CPU supports it, its block-causal attention, batches of --batch blocks, the fused chunked loss.
 
@@ -37,10 +38,10 @@ def main() -> None:
     import transformers
     from transformers import AutoModelForCausalLM
 
-    from lorafit.data.pack import pack_documents
+    from lorafit.data.pack import PackedBlocks, pack_documents
     from lorafit.data.prepare import load_prepared_jsonl
     from lorafit.data.tokenize import tokenize_texts
-    from lorafit.evaluate.perplexity import evaluate_loss
+    from lorafit.evaluate.perplexity import LossResult, evaluate_loss
     from lorafit.model.attention import use_block_causal_attention
     from lorafit.model.embedded import embedded_model_folder
     from lorafit.model.load import load_tokenizer, resolve_base
@@ -63,28 +64,48 @@ def main() -> None:
 
     # The tutorial loop: batch 1, fp32, the model's own loss (a mean over the block's targets).
     peer_model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
-    with torch.no_grad():  # one warm-up block, as lorafit gets one batch below
-        peer_model(input_ids=torch.as_tensor(blocks.input_ids[:1]))
-    peer_nll, started = 0.0, time.perf_counter()
-    with torch.no_grad():
-        for row in range(len(blocks)):
-            labels = torch.as_tensor(blocks.full_labels()[row : row + 1])
-            input_ids = torch.as_tensor(blocks.input_ids[row : row + 1])
-            targets = int((labels[:, 1:] != -100).sum())
-            peer_nll += float(peer_model(input_ids=input_ids, labels=labels).loss) * targets
-    peer_seconds = time.perf_counter() - started
-    del peer_model
-
     dtype = torch.bfloat16 if precision == "bf16" else torch.float32
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, attn_implementation="sdpa").eval()
     if precision == "bf16":
         use_block_causal_attention(model)
     objective = CausalLMObjective(model, dtype)
     device = torch.device("cpu")
-    evaluate_loss(objective, blocks.head(args.batch), args.batch, device, lambda: autocast_context(precision, device))
-    started = time.perf_counter()
-    result = evaluate_loss(objective, blocks, args.batch, device, lambda: autocast_context(precision, device))
-    ours_seconds = time.perf_counter() - started
+
+    def autocast():
+        return autocast_context(precision, device)
+
+    def peer_nll_of(rows: range) -> float:
+        nll = 0.0
+        with torch.no_grad():
+            for row in rows:
+                labels = torch.as_tensor(blocks.full_labels()[row : row + 1])
+                input_ids = torch.as_tensor(blocks.input_ids[row : row + 1])
+                targets = int((labels[:, 1:] != -100).sum())
+                nll += float(peer_model(input_ids=input_ids, labels=labels).loss) * targets
+        return nll
+
+    # One warm-up each, then the two alternate batch by batch over the same blocks, so that a
+    # machine that speeds up or slows down during the run (a shared host) affects both alike.
+    peer_nll_of(range(1))
+    evaluate_loss(objective, blocks.head(args.batch), args.batch, device, autocast)
+    peer_nll = peer_seconds = ours_seconds = ours_nll = 0.0
+    ours_tokens = 0
+    for start in range(0, len(blocks), args.batch):
+        rows = range(start, min(start + args.batch, len(blocks)))
+        began = time.perf_counter()
+        peer_nll += peer_nll_of(rows)
+        peer_seconds += time.perf_counter() - began
+        chunk = PackedBlocks(
+            blocks.input_ids[start : rows.stop],
+            None if blocks.labels is None else blocks.labels[start : rows.stop],
+            None if blocks.position_ids is None else blocks.position_ids[start : rows.stop],
+            blocks.members[start : rows.stop],
+        )
+        began = time.perf_counter()
+        part = evaluate_loss(objective, chunk, args.batch, device, autocast)
+        ours_seconds += time.perf_counter() - began
+        ours_nll, ours_tokens = ours_nll + part.nll_sum, ours_tokens + part.tokens
+    result = LossResult(nll_sum=ours_nll, tokens=ours_tokens)
 
     peer_tps, ours_tps = scored / peer_seconds, result.tokens / ours_seconds
     print(f"peer (batch 1, fp32): {peer_tps:,.0f} tokens/s, ppl {math.exp(peer_nll / scored):.4f}")

@@ -137,6 +137,13 @@ def test_tiny_export_computes_the_same_in_llama_cpp(tiny_run, tmp_path):
 
 
 @needs_llama_cpp
+def test_fully_fine_tuned_run_exports_too(tmp_path, tiny_model_dir):
+    run = train_adapter(tmp_path, tiny_model_dir, ["train.method=full", "train.lr=1e-3"])
+    result = export_gguf(str(run), tmp_path / "full.gguf", "f32", pre_tokenizer="gpt-2")
+    assert result.verification["passed"], result.verification
+
+
+@needs_llama_cpp
 def test_adapter_only_gguf_over_the_base_computes_the_merged_model(tiny_run, tmp_path):
     result = export_gguf(str(tiny_run), tmp_path / "adapter.gguf", adapter_only=True, pre_tokenizer="gpt-2")
     check = result.verification

@@ -15,7 +15,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from lorafit.adapters.gguf_export import GGUF_TYPES, write_gguf, write_lora_gguf
+from lorafit.adapters.gguf_export import GGUF_TYPES, pre_tokenizer_name, write_gguf, write_lora_gguf
 from lorafit.adapters.load import check_same_base, locate_trained
 from lorafit.adapters.merge import merge_into_folder, read_adapter
 from lorafit.adapters.modelfile import write_modelfile
@@ -70,6 +70,9 @@ def export_gguf(
         lora_file = None
         if trained.kind == "full":
             folder = trained.path
+            recorded_base = Path((trained.metadata.get("base_model") or {}).get("path") or "")
+            if pre_tokenizer is None and (recorded_base / "lorafit_source.txt").is_file():
+                pre_tokenizer = pre_tokenizer_name(recorded_base, None)  # a GGUF-born base knows it
         else:
             if base is None and trained.base_spec is None:
                 raise UsageError(f"{trained.path} records no base model (no lorafit.json); pass --base MODEL.")

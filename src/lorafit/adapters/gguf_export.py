@@ -128,7 +128,8 @@ def pre_tokenizer_name(folder: Path, given: str | None) -> str:
             if field is not None:
                 return field.contents()
     config = json.loads((folder / "config.json").read_text())
-    name = str(config.get("_name_or_path") or config.get("name_or_path") or "").lower()
+    keys = ("_name_or_path", "_model_name_or_path", "name_or_path")
+    name = " ".join(str(config.get(key) or "") for key in keys).lower()
     for key, value in PRE_TOKENIZERS.items():
         if key in name:
             return value

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from lorafit.adapters.gguf_export import GGUF_TYPES, pre_tokenizer_name, write_gguf, write_lora_gguf
-from lorafit.adapters.load import check_same_base, locate_trained
+from lorafit.adapters.load import locate_trained, resolve_trained_base
 from lorafit.adapters.merge import merge_into_folder, read_adapter
 from lorafit.adapters.modelfile import write_modelfile
 from lorafit.errors import UsageError
@@ -54,7 +54,7 @@ def export_gguf(
 ) -> ExportResult:
     """Export a run's adapter merged into its base (or a fully fine-tuned model) as one GGUF file;
     with `adapter_only`, the adapter alone as a llama.cpp LoRA file for use over the base's GGUF."""
-    from lorafit.model.load import load_tokenizer, resolve_base, weights_fingerprint
+    from lorafit.model.load import load_tokenizer
 
     if gguf_type not in EXPORT_TYPES:
         raise UsageError(f"--type {gguf_type}: use one of {', '.join(EXPORT_TYPES)}.")
@@ -63,7 +63,7 @@ def export_gguf(
     trained = locate_trained(spec)
     if adapter_only and trained.kind != "lora":
         raise UsageError(f"{trained.path} is a fully fine-tuned model: there is no adapter; drop --adapter-only.")
-    template = (trained.metadata.get("chat_template") or {}).get("text")
+    template = trained.chat_template.text if trained.chat_template else None
     out_file = Path(out_file)
     out_file.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix=".lorafit-export-", dir=out_file.parent) as scratch:
@@ -74,11 +74,7 @@ def export_gguf(
             if pre_tokenizer is None and (recorded_base / "lorafit_source.txt").is_file():
                 pre_tokenizer = pre_tokenizer_name(recorded_base, None)  # a GGUF-born base knows it
         else:
-            if base is None and trained.base_spec is None:
-                raise UsageError(f"{trained.path} records no base model (no lorafit.json); pass --base MODEL.")
-            ref = resolve_base(trained.base_spec if base is None else base)
-            if not allow_base_mismatch:
-                check_same_base(trained, ref.name, weights_fingerprint(ref))
+            ref, _ = resolve_trained_base([trained], base, allow_base_mismatch)
             adapter = read_adapter(trained.path)
             base_folder = Path(ref.path)
             if adapter_only:

@@ -28,6 +28,14 @@ class TrainedModel:
         return json.loads(file.read_text()) if file and file.is_file() else {}
 
     @property
+    def chat_template(self):
+        """The ChatTemplate the adapter was trained with (lorafit.json), or None."""
+        from lorafit.data.chat_template import ChatTemplate
+
+        recorded = self.metadata.get("chat_template") or {}
+        return ChatTemplate(recorded["text"], recorded.get("origin", "recorded")) if recorded.get("text") else None
+
+    @property
     def base_spec(self) -> str | None:
         """The base model the adapter was trained on, as the user named it ('' = embedded default)."""
         base = self.metadata.get("base_model") or {}
@@ -86,6 +94,25 @@ def check_same_base(trained: TrainedModel, base_name: str, base_fingerprint: str
             f"(weights {theirs}), but the base model loaded is {base_name} (weights {base_fingerprint}); pass "
             "--base with the model it was trained on, or --allow-base-mismatch to evaluate it anyway."
         )
+
+
+def resolve_trained_base(trained: list[TrainedModel], base: str | None, allow_mismatch: bool = False):
+    """(BaseModelRef, weights fingerprint) of the base to load under `trained`: `base` if given,
+    else the one the first of them records (the embedded default with none); each is checked
+    against it unless `allow_mismatch`."""
+    from lorafit.model.load import resolve_base, weights_fingerprint
+
+    if base is None:
+        recorded = [item.base_spec for item in trained if item.base_spec is not None]
+        if trained and not recorded:
+            raise UsageError(f"{trained[0].path} records no base model (no lorafit.json); pass --base MODEL.")
+        base = recorded[0] if recorded else ""
+    ref = resolve_base(base)
+    fingerprint = weights_fingerprint(ref)
+    if not allow_mismatch:
+        for item in trained:
+            check_same_base(item, ref.name, fingerprint)
+    return ref, fingerprint
 
 
 def adapter_parameters(path: Path) -> int | None:

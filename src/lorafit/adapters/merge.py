@@ -306,10 +306,10 @@ def merge_adapter(
     import time
 
     from lorafit import __version__
-    from lorafit.adapters.load import check_same_base, locate_trained
+    from lorafit.adapters.load import locate_trained, resolve_trained_base
     from lorafit.adapters.save import write_folder_atomically
     from lorafit.io import write_json_atomic
-    from lorafit.model.load import load_tokenizer, resolve_base, weights_fingerprint
+    from lorafit.model.load import load_tokenizer
 
     if dtype not in DTYPES:
         raise UsageError(f"--dtype {dtype}: use one of {', '.join(DTYPES)}.")
@@ -319,17 +319,11 @@ def merge_adapter(
     trained = locate_trained(spec)
     if trained.kind != "lora":
         raise UsageError(f"{trained.path} is a fully fine-tuned model already; there is no adapter to merge.")
-    if base is None and trained.base_spec is None:
-        raise UsageError(f"{trained.path} records no base model (no lorafit.json); pass --base MODEL.")
-    ref = resolve_base(trained.base_spec if base is None else base)
-    fingerprint = weights_fingerprint(ref)
-    if not allow_base_mismatch:
-        check_same_base(trained, ref.name, fingerprint)
+    ref, fingerprint = resolve_trained_base([trained], base, allow_base_mismatch)
     adapter = read_adapter(trained.path)
     tokenizer = load_tokenizer(ref)
-    recorded_template = (trained.metadata.get("chat_template") or {}).get("text")
-    if recorded_template:  # the template the adapter learned its answers in travels with the model
-        tokenizer.chat_template = recorded_template
+    if trained.chat_template:  # the template the adapter learned its answers in travels with the model
+        tokenizer.chat_template = trained.chat_template.text
     started = time.perf_counter()
     summary: dict = {}
 

@@ -19,13 +19,13 @@ from pathlib import Path
 import torch
 
 from lorafit import __version__
-from lorafit.adapters.load import TrainedModel, check_same_base, locate_trained
+from lorafit.adapters.load import TrainedModel, locate_trained, resolve_trained_base
 from lorafit.adapters.save import write_folder_atomically
 from lorafit.data.chat_template import ChatTemplate, render_prompt, resolve_chat_template
 from lorafit.errors import UsageError
 from lorafit.evaluate.generate import generation_mode, greedy_generate
 from lorafit.io import write_json_atomic
-from lorafit.model.load import load_causal_lm, load_tokenizer, resolve_base, weights_fingerprint
+from lorafit.model.load import load_causal_lm, load_tokenizer
 from lorafit.train.precision import autocast_context, resolve_precision
 
 BASE = "base"
@@ -52,15 +52,7 @@ class AdapterSession:
         full = [name for name, item in trained.items() if item.kind != "lora"]
         if full:
             raise UsageError(f"{full[0]} is a fully fine-tuned model, not an adapter; open it with --base.")
-        first = next(iter(trained.values()))
-        spec = base if base is not None else first.base_spec
-        if spec is None:
-            raise UsageError(f"{first.path} records no base model (no lorafit.json); pass --base MODEL.")
-        self.ref = resolve_base(spec)
-        fingerprint = weights_fingerprint(self.ref)
-        if not allow_base_mismatch:
-            for item in trained.values():
-                check_same_base(item, self.ref.name, fingerprint)
+        self.ref, _ = resolve_trained_base(list(trained.values()), base, allow_base_mismatch)
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         self.precision = resolve_precision(precision, self.device)
         dtype = torch.bfloat16 if self.precision == "bf16" else torch.float32
@@ -75,17 +67,11 @@ class AdapterSession:
                 self.model = PeftModel.from_pretrained(model, str(item.path), adapter_name=name)
             else:
                 self.model.load_adapter(str(item.path), adapter_name=name)
-            self.templates[name] = self._template_of(item)
+            self.templates[name] = item.chat_template or self.templates[BASE]
         self.model.requires_grad_(False)
         self.model.eval()
         self.active = next(iter(trained))
         self.use(self.active)
-
-    def _template_of(self, item: TrainedModel) -> ChatTemplate:
-        recorded = item.metadata.get("chat_template") or {}
-        if recorded.get("text"):
-            return ChatTemplate(recorded["text"], recorded.get("origin", "recorded"))
-        return self.templates[BASE]
 
     @property
     def names(self) -> list[str]:

@@ -15,10 +15,10 @@ from pathlib import Path
 import torch
 from rich.console import Console
 
-from lorafit.adapters.load import TrainedModel, adapter_parameters, check_same_base, locate_trained
+from lorafit.adapters.load import TrainedModel, adapter_parameters, locate_trained, resolve_trained_base
 from lorafit.adapters.save import folder_bytes
 from lorafit.config import DataSection, EvalSection, RunConfig
-from lorafit.data.chat_template import ChatTemplate, render_prompt, resolve_chat_template
+from lorafit.data.chat_template import render_prompt, resolve_chat_template
 from lorafit.data.datasets import GENERAL_SAMPLE, load_eval_blocks, load_run_documents, pack_run_documents
 from lorafit.data.documents import Problems
 from lorafit.data.pack import PackedBlocks
@@ -37,7 +37,7 @@ from lorafit.evaluate.report import (
 from lorafit.evaluate.tasks import load_task_records
 from lorafit.io import write_json_atomic
 from lorafit.model.attention import use_block_causal_attention
-from lorafit.model.load import load_causal_lm, load_model_config, load_tokenizer, resolve_base, weights_fingerprint
+from lorafit.model.load import load_causal_lm, load_model_config, load_tokenizer, resolve_base
 from lorafit.train.objective import CausalLMObjective
 from lorafit.train.precision import autocast_context, resolve_precision
 
@@ -81,14 +81,6 @@ def _run_config(trained: list[TrainedModel]) -> RunConfig | None:
                 return RunConfig.model_validate(raw)
             except ValueError:
                 continue  # a lorafit.json from another version: fall back to defaults
-    return None
-
-
-def _recorded_template(trained: list[TrainedModel]) -> ChatTemplate | None:
-    for model in trained:
-        recorded = model.metadata.get("chat_template")
-        if recorded and recorded.get("text"):
-            return ChatTemplate(recorded["text"], recorded.get("origin", "recorded"))
     return None
 
 
@@ -163,17 +155,7 @@ def run_evaluation(request: EvalRequest, console: Console | None = None) -> Eval
     torch.manual_seed(request.seed)
     trained = [locate_trained(spec) for spec in request.adapters]
     _check_names(trained)
-    base_spec = request.base
-    if base_spec is None:
-        recorded = [m.base_spec for m in trained if m.base_spec is not None]
-        if trained and not recorded:
-            raise UsageError(f"{trained[0].path} records no base model (no lorafit.json); pass --base MODEL.")
-        base_spec = recorded[0] if recorded else ""
-    ref = resolve_base(base_spec)
-    fingerprint = weights_fingerprint(ref)
-    if not request.allow_base_mismatch:
-        for model in trained:
-            check_same_base(model, ref.name, fingerprint)
+    ref, fingerprint = resolve_trained_base(trained, request.base, request.allow_base_mismatch)
 
     config = _run_config(trained)
     data = config.data if config else DataSection()
@@ -182,7 +164,8 @@ def run_evaluation(request: EvalRequest, console: Console | None = None) -> Eval
     if limit and seq_len > limit:
         raise ConfigError(f"--seq-len {seq_len} exceeds the model's maximum of {limit}; lower it.")
     tokenizer = load_tokenizer(ref)
-    template = _recorded_template(trained) or resolve_chat_template(tokenizer, data.chat_template)
+    recorded = [m.chat_template for m in trained if m.chat_template is not None]
+    template = recorded[0] if recorded else resolve_chat_template(tokenizer, data.chat_template)
     problems = Problems()
 
     domain, domain_files = _domain_blocks(request, config, data, tokenizer, seq_len, template, problems)

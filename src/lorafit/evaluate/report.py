@@ -63,6 +63,22 @@ def _loss_fields(prefix: str, result: LossResult | None, base: LossResult | None
     }
 
 
+def training_cost(summary: dict) -> dict:
+    """report.json's `cost` of a trained model, from its run's summary.json (None where unknown)."""
+    parameters = summary.get("trainable_parameters") or {}
+    return {
+        "train_seconds": summary.get("train_seconds"),
+        "train_tokens": summary.get("train_tokens"),
+        "train_tokens_per_second": summary.get("tokens_per_second"),
+        "peak_memory_mb": summary.get("peak_rss_mb"),
+        "trainable_parameters": parameters.get("trainable"),
+        "trainable_percent": parameters.get("percent"),
+        "total_parameters": parameters.get("total"),
+        "saved_bytes": summary.get("saved_bytes"),
+        "wall_seconds": summary.get("wall_seconds"),
+    }
+
+
 def blocks_info(blocks: PackedBlocks | None, files: list[str], seq_len: int) -> dict | None:
     """report.json's description of the evaluation text behind a perplexity."""
     if blocks is None:

@@ -32,6 +32,7 @@ from lorafit.evaluate.report import (
     build_report,
     general_files,
     read_curves,
+    training_cost,
     write_report,
 )
 from lorafit.evaluate.tasks import load_task_records
@@ -130,20 +131,12 @@ def _prompts(
 
 
 def _training_cost(model: TrainedModel) -> dict:
-    summary = model.summary
-    parameters = summary.get("trainable_parameters") or {}
-    trainable = parameters.get("trainable")
-    if trainable is None and model.kind == "lora":
-        trainable = adapter_parameters(model.path)
-    return {
-        "train_seconds": summary.get("train_seconds"),
-        "train_tokens": summary.get("train_tokens"),
-        "train_tokens_per_second": summary.get("tokens_per_second"),
-        "peak_memory_mb": summary.get("peak_rss_mb"),
-        "trainable_parameters": trainable,
-        "trainable_percent": parameters.get("percent"),
-        "saved_bytes": summary.get("saved_bytes") or folder_bytes(model.path),
-    }
+    """The run's cost; an adapter without its run still has a size and a parameter count."""
+    cost = training_cost(model.summary)
+    if cost["trainable_parameters"] is None and model.kind == "lora":
+        cost["trainable_parameters"] = adapter_parameters(model.path)
+    cost["saved_bytes"] = cost["saved_bytes"] or folder_bytes(model.path)
+    return cost
 
 
 def run_evaluation(request: EvalRequest, console: Console | None = None) -> EvalResult:
@@ -259,7 +252,7 @@ def run_evaluation(request: EvalRequest, console: Console | None = None) -> Eval
     models = [evaluation for evaluation, _ in ordered]
     for evaluation, item in zip(models[1:], trained):
         evaluation.curves = read_curves(item.run_dir / "metrics.jsonl") if item.run_dir else None
-        evaluation.cost["total_parameters"] = total_parameters
+        evaluation.cost["total_parameters"] = evaluation.cost.get("total_parameters") or total_parameters
     report = build_report(
         models,
         base_model={"name": ref.name, "path": ref.path, "weights_fingerprint": fingerprint},

@@ -15,6 +15,7 @@ from lorafit.evaluate.report import (
     build_report,
     general_files,
     read_curves,
+    training_cost,
     write_report,
 )
 
@@ -54,17 +55,7 @@ def write_run_report(
             general=measured["general_after"],
             tasks=(tuned_outputs.get("tasks") or {}).get("metrics", {}),
             generations=tuned_outputs.get("generations", []),
-            cost={
-                "train_seconds": summary["train_seconds"],
-                "train_tokens": summary["train_tokens"],
-                "train_tokens_per_second": summary["tokens_per_second"],
-                "peak_memory_mb": summary.get("peak_rss_mb"),
-                "trainable_parameters": summary["trainable_parameters"]["trainable"],
-                "trainable_percent": summary["trainable_parameters"]["percent"],
-                "total_parameters": summary["trainable_parameters"]["total"],
-                "saved_bytes": summary.get("saved_bytes"),
-                "wall_seconds": summary.get("wall_seconds"),
-            },
+            cost=training_cost(summary),
             curves=read_curves(out_dir / "metrics.jsonl"),
         ),
     ]

@@ -241,3 +241,8 @@ def test_a_run_that_failed_on_bad_input_can_be_retried_in_the_same_folder(tmp_pa
     failed = invoke("train", str(config), "--out", out, "--set", "lora.target_modules=[q_prj]")
     assert failed.exit_code == 2 and "q_proj" in failed.output
     assert invoke("train", str(config), "--out", out).exit_code == 0
+
+
+def test_version_answers_without_a_command():
+    result = invoke("--version")
+    assert result.exit_code == 0 and result.output.startswith("lorafit ")

@@ -1,0 +1,117 @@
+"""`lorafit eval` and the report's tables in the terminal."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.table import Table
+
+from lorafit.cli.app import _fail, console
+from lorafit.errors import LorafitError, UsageError
+
+
+def evaluate_models(
+    out: Annotated[Path, typer.Option("--out", metavar="DIR", help="Folder for report.json, report.md, report.html.")],
+    adapter: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--adapter",
+            metavar="[NAME=]PATH",
+            help="A run folder, its adapter/ or model/, or a PEFT adapter folder (repeatable: one column each).",
+        ),
+    ] = None,
+    base: Annotated[
+        str | None,
+        typer.Option(help="Base model (folder, .gguf or hub id; '' = embedded default). Default: the adapter's."),
+    ] = None,
+    domain: Annotated[
+        list[Path] | None,
+        typer.Option(
+            help="Held-out domain text or instruction files (repeatable). Default: the run's validation data."
+        ),
+    ] = None,
+    general: Annotated[
+        list[str] | None,
+        typer.Option(help="General-text files for forgetting (repeatable). Default: lorafit's general-English sample."),
+    ] = None,
+    no_general: Annotated[bool, typer.Option("--no-general", help="Skip the forgetting measurement.")] = False,
+    tasks: Annotated[
+        list[Path] | None, typer.Option(help="Instruction/QA test files for task metrics (repeatable).")
+    ] = None,
+    prompts: Annotated[
+        Path | None, typer.Option(help="Text file, one generation prompt per line. Default: sampled from --tasks.")
+    ] = None,
+    seq_len: Annotated[
+        int | None, typer.Option(help="Context of the perplexity blocks. Default: the run's train.seq_len.")
+    ] = None,
+    batch_size: Annotated[int, typer.Option(help="Blocks (and prompts) evaluated together.")] = 8,
+    max_blocks: Annotated[int, typer.Option(help="Score only the first N blocks of each text (0 = all).")] = 0,
+    task_max_examples: Annotated[int, typer.Option(help="Score only the first N task records (0 = all).")] = 0,
+    max_new_tokens: Annotated[int, typer.Option(help="Tokens generated per side-by-side prompt.")] = 48,
+    task_max_new_tokens: Annotated[int, typer.Option(help="Tokens generated per task answer.")] = 128,
+    precision: Annotated[
+        str | None, typer.Option(help="auto, bf16 or fp32. Default: the run's train.precision.")
+    ] = None,
+    allow_base_mismatch: Annotated[
+        bool, typer.Option(help="Evaluate adapters even if they record other base weights.")
+    ] = False,
+) -> None:
+    """Measure the base model and adapters on the same data: domain perplexity, forgetting, task
+    metrics, generations and cost, in one report (report.json, report.md, report.html)."""
+    from lorafit.data.datasets import GENERAL_SAMPLE
+    from lorafit.evaluate.run import EvalRequest, run_evaluation
+
+    try:
+        if precision not in {None, "auto", "bf16", "fp32"}:
+            raise UsageError(f"--precision {precision}: use auto, bf16 or fp32.")
+        if batch_size < 1 or max_blocks < 0 or task_max_examples < 0:
+            raise UsageError("--batch-size must be at least 1; --max-blocks and --task-max-examples at least 0.")
+        if not adapter and base is None:
+            raise UsageError("Name at least one --adapter (or --base alone to evaluate a base model).")
+        prompt_lines: list[str] = []
+        if prompts is not None:
+            if not prompts.is_file():
+                raise UsageError(f"--prompts {prompts}: no such file.")
+            prompt_lines = [line.strip() for line in prompts.read_text(encoding="utf-8").splitlines() if line.strip()]
+        request = EvalRequest(
+            out=out,
+            adapters=list(adapter or []),
+            base=base,
+            domain=[str(p) for p in domain or []],
+            general=[] if no_general else list(general or [GENERAL_SAMPLE]),
+            tasks=[str(p) for p in tasks or []],
+            prompts=prompt_lines,
+            seq_len=seq_len,
+            batch_size=batch_size,
+            max_blocks=max_blocks,
+            task_max_examples=task_max_examples,
+            max_new_tokens=max_new_tokens,
+            task_max_new_tokens=task_max_new_tokens,
+            precision=precision,
+            allow_base_mismatch=allow_base_mismatch,
+        )
+        result = run_evaluation(request, console)
+    except LorafitError as exc:
+        _fail(exc)
+        return
+    print_report(result.report)
+    console.print("report: " + "  ".join(str(path) for path in result.paths.values()))
+
+
+def print_report(report: dict) -> None:
+    """The report's tables in the terminal (the same rows as report.md)."""
+    from lorafit.evaluate.report import cost_rows, headline, quality_rows
+
+    names = [m["name"] for m in report["models"]]
+    for title, rows in (("quality", quality_rows(report)), ("cost", cost_rows(report))):
+        table = Table(title=title, show_header=True)
+        table.add_column("")
+        for name in names:
+            table.add_column(name, justify="right")
+        for label, cells in rows:
+            table.add_row(label, *cells)
+        console.print(table)
+    for line in headline(report):
+        console.print(line, highlight=False)

@@ -115,6 +115,17 @@ def resolve_trained_base(trained: list[TrainedModel], base: str | None, allow_mi
     return ref, fingerprint
 
 
+def attach_adapter(model, path: Path, name: str):
+    """Attach the PEFT adapter at `path` as `name`: a plain model is wrapped in a PeftModel, a
+    PeftModel gains one more named adapter beside the others. Returns the PeftModel."""
+    from peft import PeftModel
+
+    if isinstance(model, PeftModel):
+        model.load_adapter(str(path), adapter_name=name)
+        return model
+    return PeftModel.from_pretrained(model, str(path), adapter_name=name)
+
+
 def adapter_parameters(path: Path) -> int | None:
     """Parameters stored in a PEFT adapter's safetensors file (read from its header only)."""
     file = path / "adapter_model.safetensors"

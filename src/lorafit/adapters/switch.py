@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from lorafit import __version__
-from lorafit.adapters.load import TrainedModel, locate_trained, resolve_trained_base
+from lorafit.adapters.load import TrainedModel, attach_adapter, locate_trained, resolve_trained_base
 from lorafit.adapters.save import write_folder_atomically
 from lorafit.data.chat_template import ChatTemplate, render_prompt, resolve_chat_template
 from lorafit.errors import UsageError
@@ -42,8 +42,6 @@ class AdapterSession:
         precision: str = "auto",
         allow_base_mismatch: bool = False,
     ):
-        from peft import PeftModel
-
         if not adapters:
             raise UsageError("Name at least one adapter: --adapter NAME=PATH.")
         trained = {name: locate_trained(f"{name}={path}") for name, path in adapters.items()}
@@ -61,13 +59,10 @@ class AdapterSession:
         self.trained: dict[str, TrainedModel] = trained
         self.combined: dict[str, dict] = {}  # adapter made by combine() -> its recipe
         self.templates: dict[str, ChatTemplate] = {BASE: resolve_chat_template(self.tokenizer, "auto")}
-        self.model = None
         for name, item in trained.items():
-            if self.model is None:
-                self.model = PeftModel.from_pretrained(model, str(item.path), adapter_name=name)
-            else:
-                self.model.load_adapter(str(item.path), adapter_name=name)
+            model = attach_adapter(model, item.path, name)
             self.templates[name] = item.chat_template or self.templates[BASE]
+        self.model = model
         self.model.requires_grad_(False)
         self.model.eval()
         self.active = next(iter(trained))

@@ -15,14 +15,20 @@ from pathlib import Path
 import torch
 from rich.console import Console
 
-from lorafit.adapters.load import TrainedModel, adapter_parameters, locate_trained, resolve_trained_base
+from lorafit.adapters.load import (
+    TrainedModel,
+    adapter_parameters,
+    attach_adapter,
+    locate_trained,
+    resolve_trained_base,
+)
 from lorafit.adapters.save import folder_bytes
 from lorafit.config import DataSection, EvalSection, RunConfig
 from lorafit.data.chat_template import render_prompt, resolve_chat_template
 from lorafit.data.datasets import GENERAL_SAMPLE, load_eval_blocks, load_run_documents, pack_run_documents
 from lorafit.data.documents import Problems
 from lorafit.data.pack import PackedBlocks
-from lorafit.errors import ConfigError, DataError, UsageError
+from lorafit.errors import DataError, UsageError
 from lorafit.evaluate.compare import model_outputs
 from lorafit.evaluate.generate import default_prompt
 from lorafit.evaluate.perplexity import evaluate_loss
@@ -38,7 +44,7 @@ from lorafit.evaluate.report import (
 from lorafit.evaluate.tasks import load_task_records
 from lorafit.io import write_json_atomic
 from lorafit.model.attention import use_block_causal_attention
-from lorafit.model.load import load_causal_lm, load_model_config, load_tokenizer, resolve_base
+from lorafit.model.load import check_seq_len, load_causal_lm, load_model_config, load_tokenizer, resolve_base
 from lorafit.train.objective import CausalLMObjective
 from lorafit.train.precision import autocast_context, resolve_precision
 
@@ -141,8 +147,6 @@ def _training_cost(model: TrainedModel) -> dict:
 
 def run_evaluation(request: EvalRequest, console: Console | None = None) -> EvalResult:
     """Measure the base and every adapter; write report.json/md/html and tasks.json to request.out."""
-    from peft import PeftModel
-
     console = console or Console()
     random.seed(request.seed)
     torch.manual_seed(request.seed)
@@ -153,9 +157,7 @@ def run_evaluation(request: EvalRequest, console: Console | None = None) -> Eval
     config = _run_config(trained)
     data = config.data if config else DataSection()
     seq_len = request.seq_len or (config.train.seq_len if config else 512)
-    limit = getattr(load_model_config(ref), "max_position_embeddings", None)
-    if limit and seq_len > limit:
-        raise ConfigError(f"--seq-len {seq_len} exceeds the model's maximum of {limit}; lower it.")
+    check_seq_len(seq_len, load_model_config(ref), "--seq-len")
     tokenizer = load_tokenizer(ref)
     recorded = [m.chat_template for m in trained if m.chat_template is not None]
     template = recorded[0] if recorded else resolve_chat_template(tokenizer, data.chat_template)
@@ -225,26 +227,26 @@ def run_evaluation(request: EvalRequest, console: Console | None = None) -> Eval
         ), outputs
 
     console.print(f"[bold]base[/] {ref.name}  [bold]precision[/] {precision}  [bold]device[/] {device}")
-    model = load_causal_lm(ref, compute_dtype).to(device)
-    if device.type == "cpu" and precision == "bf16":
-        use_block_causal_attention(model)
+
+    def load_model(model_ref):
+        loaded = load_causal_lm(model_ref, compute_dtype).to(device)
+        if device.type == "cpu" and precision == "bf16":
+            use_block_causal_attention(loaded)
+        return loaded
+
+    model = load_model(ref)
     total_parameters = sum(p.numel() for p in model.parameters())
     results: dict[str, tuple[ModelEvaluation, dict]] = {
         "base": measure(model, "base", "base", ref.path, {"total_parameters": total_parameters})
     }
     peft_model = None
     for item in (m for m in trained if m.kind == "lora"):
-        if peft_model is None:
-            peft_model = PeftModel.from_pretrained(model, str(item.path), adapter_name=item.name)
-        else:
-            peft_model.load_adapter(str(item.path), adapter_name=item.name)
+        peft_model = attach_adapter(peft_model or model, item.path, item.name)
         peft_model.set_adapter(item.name)
         results[item.name] = measure(peft_model, item.name, "lora", str(item.path), _training_cost(item))
     del peft_model, model
     for item in (m for m in trained if m.kind == "full"):
-        full = load_causal_lm(resolve_base(str(item.path)), compute_dtype).to(device)
-        if device.type == "cpu" and precision == "bf16":
-            use_block_causal_attention(full)
+        full = load_model(resolve_base(str(item.path)))
         results[item.name] = measure(full, item.name, "full", str(item.path), _training_cost(item))
         del full
 

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from lorafit.errors import ModelError
+from lorafit.errors import ConfigError, ModelError
 from lorafit.model.embedded import EMBEDDED_NAME, cached_gguf_folder, embedded_model_folder
 
 WEIGHT_FILES = (
@@ -92,6 +92,13 @@ def load_model_config(ref: BaseModelRef):
         return AutoConfig.from_pretrained(ref.path)
     except (OSError, ValueError) as exc:
         raise ModelError(f"{ref.path}: cannot read the model's config.json ({exc}).") from None
+
+
+def check_seq_len(seq_len: int, model_config, setting: str = "train.seq_len") -> None:
+    """Refuse a context longer than the model's positions, naming the setting to lower."""
+    limit = getattr(model_config, "max_position_embeddings", None)
+    if limit and seq_len > limit:
+        raise ConfigError(f"{setting}={seq_len} exceeds the model's maximum of {limit}; lower {setting}.")
 
 
 def load_tokenizer(ref: BaseModelRef):

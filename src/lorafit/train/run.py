@@ -19,12 +19,13 @@ from lorafit.config import RunConfig, config_to_yaml
 from lorafit.data.chat_template import resolve_chat_template
 from lorafit.data.datasets import load_eval_blocks, load_run_documents, pack_run_documents
 from lorafit.data.documents import Problems
-from lorafit.errors import ConfigError, DataError, LorafitError, TrainingInterruptedError, UsageError
+from lorafit.errors import DataError, LorafitError, TrainingInterruptedError, UsageError
 from lorafit.evaluate.compare import generation_prompts, generation_rows, model_outputs, task_report
 from lorafit.evaluate.perplexity import LossResult, evaluate_loss
 from lorafit.evaluate.tasks import load_task_records
 from lorafit.io import append_jsonl, write_json_atomic, write_text_atomic
 from lorafit.model.load import (
+    check_seq_len,
     load_model_config,
     load_tokenizer,
     resolve_base,
@@ -94,12 +95,6 @@ def describe_data(stats: dict, formats: dict[str, str]) -> str:
             f"{instructions['chat_template']})"
         )
     return "; ".join(parts)
-
-
-def check_seq_len(seq_len: int, model_config) -> None:
-    limit = getattr(model_config, "max_position_embeddings", None)
-    if limit and seq_len > limit:
-        raise ConfigError(f"train.seq_len={seq_len} exceeds the model's maximum of {limit}; lower train.seq_len.")
 
 
 def run_training(

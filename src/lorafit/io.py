@@ -1,16 +1,43 @@
 """Atomic file writes: write to a temporary name in the same folder, fsync, rename.
 
-A crash mid-write then leaves the previous file (or none), never a truncated one.
+A crash mid-write then leaves the previous file (or none), never a truncated one. Temporary names
+start with `.lorafit-tmp-PID-`, so a later command can tell a killed process's leftovers from a
+live one's work (`lorafit.outputs.sweep_stale`). JSON is written strictly: a non-finite number
+(a diverged loss, an overflowing perplexity) becomes null, never a bare NaN that JSON readers reject.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import tempfile
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
+
+STAGING_PREFIX = ".lorafit-tmp-"
+
+
+def staging_prefix(name: str) -> str:
+    """Prefix of a temporary name for `name`, owned by this process."""
+    return f"{STAGING_PREFIX}{os.getpid()}-{name}-"
+
+
+def strict_json_value(value: Any) -> Any:
+    """`value` with every non-finite float replaced by None (JSON has no NaN or Infinity)."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {key: strict_json_value(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [strict_json_value(item) for item in value]
+    return value
+
+
+def to_json(value: Any, indent: int | None = None) -> str:
+    """Strict JSON text (allow_nan=False after replacing non-finite numbers by null)."""
+    return json.dumps(strict_json_value(value), indent=indent, ensure_ascii=False, allow_nan=False)
 
 
 def _read_umask() -> int:
@@ -20,15 +47,15 @@ def _read_umask() -> int:
     return mask
 
 
-_UMASK = _read_umask()
+UMASK = _read_umask()
 
 
 def write_bytes_atomic(path: Path, data: bytes) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=staging_prefix(path.name), dir=path.parent)
     try:
         # mkstemp creates the file 0600; a report or summary gets the permissions any new file would.
-        os.fchmod(fd, 0o666 & ~_UMASK)
+        os.fchmod(fd, 0o666 & ~UMASK)
         with os.fdopen(fd, "wb") as handle:
             handle.write(data)
             handle.flush()
@@ -44,17 +71,17 @@ def write_text_atomic(path: Path, text: str) -> None:
 
 
 def write_json_atomic(path: Path, data: Any) -> None:
-    write_text_atomic(path, json.dumps(data, indent=2, ensure_ascii=False) + "\n")
+    write_text_atomic(path, to_json(data, indent=2) + "\n")
 
 
 def write_jsonl_atomic(path: Path, records: Iterable[dict]) -> None:
-    lines = (json.dumps(record, ensure_ascii=False) + "\n" for record in records)
+    lines = (to_json(record) + "\n" for record in records)
     write_text_atomic(path, "".join(lines))
 
 
 def append_jsonl(path: Path, record: dict) -> None:
     """Append one line and flush it to disk, so metrics survive a crash."""
     with path.open("a", encoding="utf-8") as handle:
-        handle.write(json.dumps(record, ensure_ascii=False) + "\n")
+        handle.write(to_json(record) + "\n")
         handle.flush()
         os.fsync(handle.fileno())

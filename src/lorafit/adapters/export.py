@@ -15,11 +15,19 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from lorafit.adapters.gguf_export import GGUF_TYPES, pre_tokenizer_name, write_gguf, write_lora_gguf
+from lorafit.adapters.gguf_export import (
+    GGUF_TYPES,
+    pre_tokenizer_name,
+    write_gguf,
+    write_lora_gguf,
+    written_by_lorafit,
+)
 from lorafit.adapters.load import locate_trained, resolve_trained_base
 from lorafit.adapters.merge import merge_into_folder, read_adapter
-from lorafit.adapters.modelfile import write_modelfile
+from lorafit.adapters.modelfile import modelfile_path, modelfile_written_by_lorafit, write_modelfile
 from lorafit.errors import UsageError
+from lorafit.io import staging_prefix
+from lorafit.outputs import check_output_file, sweep_stale
 
 EXPORT_TYPES = (*GGUF_TYPES, "q4_k_m")
 
@@ -51,6 +59,7 @@ def export_gguf(
     allow_base_mismatch: bool = False,
     verify_texts: list[str] | None = None,
     adapter_only: bool = False,
+    overwrite: bool = False,
 ) -> ExportResult:
     """Export a run's adapter merged into its base (or a fully fine-tuned model) as one GGUF file;
     with `adapter_only`, the adapter alone as a llama.cpp LoRA file for use over the base's GGUF."""
@@ -58,15 +67,17 @@ def export_gguf(
 
     if gguf_type not in EXPORT_TYPES:
         raise UsageError(f"--type {gguf_type}: use one of {', '.join(EXPORT_TYPES)}.")
+    out_file = Path(out_file)
+    check_export_outputs(out_file, overwrite)
     if gguf_type == "q4_k_m" and not llama_cpp_available():
         raise UsageError("--type q4_k_m uses llama.cpp's quantizer: pip install llama-cpp-python, or pick q8_0.")
     trained = locate_trained(spec)
     if adapter_only and trained.kind != "lora":
         raise UsageError(f"{trained.path} is a fully fine-tuned model: there is no adapter; drop --adapter-only.")
     template = trained.chat_template.text if trained.chat_template else None
-    out_file = Path(out_file)
     out_file.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix=".lorafit-export-", dir=out_file.parent) as scratch:
+    sweep_stale(out_file.parent)  # what an export killed before this one left behind
+    with tempfile.TemporaryDirectory(prefix=staging_prefix("export"), dir=out_file.parent) as scratch:
         lora_file = None
         if trained.kind == "full":
             folder = trained.path
@@ -126,6 +137,12 @@ def export_gguf(
     return result
 
 
+def check_export_outputs(out_file: Path, overwrite: bool) -> None:
+    """The GGUF file and the Modelfile beside it: new, or lorafit's own with `overwrite`."""
+    check_output_file(out_file, overwrite, written_by_lorafit, "--out")
+    check_output_file(modelfile_path(out_file), overwrite, modelfile_written_by_lorafit, "the Modelfile")
+
+
 def _original_gguf(base_folder: Path) -> Path | None:
     """The GGUF file a lorafit-converted base came from (for an adapter's Modelfile), if any."""
     source = base_folder / "lorafit_source.txt"
@@ -143,10 +160,16 @@ def quantize_with_llama_cpp(source: Path, out_file: Path, kind: str) -> dict:
 
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype = {"q4_k_m": llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_K_M}[kind]
-    with native_output_silenced():  # llama.cpp prints a line per tensor from C
-        status = llama_cpp.llama_model_quantize(str(source).encode(), str(out_file).encode(), ctypes.byref(params))
-    if status != 0:
-        raise UsageError(f"llama.cpp could not quantize {source} to {kind} (status {status}).")
+    # Quantized into a temporary name beside the target, renamed when complete.
+    partial = out_file.with_name(f"{staging_prefix(out_file.name)}partial")
+    try:
+        with native_output_silenced():  # llama.cpp prints a line per tensor from C
+            status = llama_cpp.llama_model_quantize(str(source).encode(), str(partial).encode(), ctypes.byref(params))
+        if status != 0:
+            raise UsageError(f"llama.cpp could not quantize {source} to {kind} (status {status}).")
+        partial.replace(out_file)
+    finally:
+        partial.unlink(missing_ok=True)
     return {"type": kind, "bytes": out_file.stat().st_size}
 
 

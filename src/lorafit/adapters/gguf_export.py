@@ -19,6 +19,7 @@ import torch
 
 from lorafit.adapters.merge import TensorFile, _base_tensor_files
 from lorafit.errors import UsageError
+from lorafit.io import staging_prefix
 
 GGUF_TYPES = ("f32", "f16", "bf16", "q8_0")
 LORA_ALPHA = 1.0  # written into LoRA files; each module's true scale is folded into its B
@@ -61,15 +62,21 @@ def llama_rotary_order(module: str, rows: torch.Tensor, heads: int, kv_heads: in
     return rows
 
 
+LORAFIT_KEY = "lorafit.version"  # stamped into every file lorafit writes: `--overwrite` replaces only those
+
+
 @contextmanager
 def gguf_writer(out_file: Path):
-    """A llama GGUFWriter on a hidden partial file, renamed to `out_file` only once all is written."""
+    """A llama GGUFWriter on a temporary file, renamed to `out_file` only once all is written."""
     import gguf
+
+    from lorafit import __version__
 
     out_file = Path(out_file)
     out_file.parent.mkdir(parents=True, exist_ok=True)
-    partial = out_file.with_name(f".{out_file.name}.partial")
+    partial = out_file.with_name(f"{staging_prefix(out_file.name)}partial")
     writer = gguf.GGUFWriter(str(partial), "llama")
+    writer.add_string(LORAFIT_KEY, __version__)
     try:
         yield writer
         writer.write_header_to_file()
@@ -81,6 +88,17 @@ def gguf_writer(out_file: Path):
         partial.unlink(missing_ok=True)
         raise
     partial.replace(out_file)
+
+
+def written_by_lorafit(path: Path) -> bool:
+    """Whether `path` is a GGUF file lorafit wrote (it carries LORAFIT_KEY)."""
+    import gguf
+
+    try:
+        reader = gguf.GGUFReader(str(path))
+    except Exception:  # not GGUF at all, or damaged: in any case not ours to replace
+        return False
+    return LORAFIT_KEY in reader.fields
 
 
 def token_table(folder: Path) -> tuple[list[bytes], list[int], list[str]]:

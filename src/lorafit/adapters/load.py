@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from lorafit.errors import UsageError
+from lorafit.integrity import check_safetensors, read_json_file
 
 _NAME = re.compile(r"^[\w.+-]+$")
 
@@ -43,10 +44,20 @@ class TrainedModel:
 
 
 def _read_json(path: Path) -> dict:
-    try:
-        return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
-    except (OSError, json.JSONDecodeError) as exc:
-        raise UsageError(f"{path}: cannot read it ({exc}); restore it from the run or retrain.") from None
+    return read_json_file(path) if path.is_file() else {}
+
+
+def check_adapter_files(path: Path) -> None:
+    """A PEFT adapter folder whose config parses and whose weights file is whole (a cut file would
+    otherwise fail deep inside PEFT, or load as the wrong shapes)."""
+    config = read_json_file(path / "adapter_config.json")
+    if not isinstance(config.get("peft_type", "LORA"), str):
+        raise UsageError(f"{path / 'adapter_config.json'}: 'peft_type' must be a string such as \"LORA\".")
+    weights = path / "adapter_model.safetensors"
+    if weights.is_file():
+        check_safetensors(weights)
+    elif not (path / "adapter_model.bin").is_file():
+        raise UsageError(f"{path}: no adapter_model.safetensors beside adapter_config.json; the adapter is incomplete.")
 
 
 def _is_run(folder: Path) -> bool:
@@ -80,6 +91,10 @@ def locate_trained(spec: str) -> TrainedModel:
         run_dir = path.parent
     if not name:
         name = (run_dir or path).resolve().name
+    if kind == "lora":
+        check_adapter_files(path)
+    else:
+        read_json_file(path / "config.json")
     return TrainedModel(name=name, kind=kind, path=path, run_dir=run_dir, metadata=_read_json(path / "lorafit.json"))
 
 
@@ -120,10 +135,17 @@ def attach_adapter(model, path: Path, name: str):
     PeftModel gains one more named adapter beside the others. Returns the PeftModel."""
     from peft import PeftModel
 
-    if isinstance(model, PeftModel):
-        model.load_adapter(str(path), adapter_name=name)
-        return model
-    return PeftModel.from_pretrained(model, str(path), adapter_name=name)
+    try:
+        if isinstance(model, PeftModel):
+            model.load_adapter(str(path), adapter_name=name)
+            return model
+        return PeftModel.from_pretrained(model, str(path), adapter_name=name)
+    except (RuntimeError, ValueError, KeyError) as exc:  # shapes or modules of another base model
+        first = str(exc).strip().splitlines()
+        raise UsageError(
+            f"{path}: the adapter does not fit the base model loaded ({first[-1] if first else type(exc).__name__}); "
+            "pass --base with the model it was trained on."
+        ) from None
 
 
 def adapter_parameters(path: Path) -> int | None:

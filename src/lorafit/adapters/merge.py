@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 
 from lorafit.errors import UsageError
+from lorafit.integrity import check_safetensors, read_json_file
 
 DTYPES = {"f32": torch.float32, "bf16": torch.bfloat16, "f16": torch.float16}
 PEFT_PREFIX = "base_model.model."
@@ -70,7 +71,8 @@ def read_adapter(path: Path) -> AdapterWeights:
     config_file, weights_file = path / "adapter_config.json", path / "adapter_model.safetensors"
     if not config_file.is_file() or not weights_file.is_file():
         raise UsageError(f"{path}: not a PEFT adapter (adapter_config.json + adapter_model.safetensors).")
-    config = json.loads(config_file.read_text())
+    config = read_json_file(config_file)
+    check_safetensors(weights_file)
     if config.get("peft_type", "LORA") != "LORA":
         raise UsageError(f"{path}: a {config['peft_type']} adapter; lorafit merges LoRA adapters.")
     for key, default in UNSUPPORTED.items():
@@ -100,6 +102,12 @@ def read_adapter(path: Path) -> AdapterWeights:
 
 def merged_weight(weight: torch.Tensor, parts: dict[str, torch.Tensor], scale: float) -> torch.Tensor:
     """W + s·B·A in fp32; with DoRA each output row is then rescaled to its trained magnitude."""
+    if (parts["B"].shape[0], parts["A"].shape[1]) != tuple(weight.shape):
+        raise UsageError(
+            f"The adapter's LoRA matrices make a {parts['B'].shape[0]} x {parts['A'].shape[1]} update for a "
+            f"{weight.shape[0]} x {weight.shape[1]} base weight: it was trained on another base model; pass --base "
+            "with that model."
+        )
     merged = weight.float() + scale * (parts["B"] @ parts["A"])
     if "magnitude" in parts:
         # PEFT's DoRA: W' = m / ||W + s·B·A||_row · (W + s·B·A), the norm over each output row.
@@ -159,11 +167,16 @@ def _base_tensor_files(folder: Path) -> dict[str, Path]:
     """Base tensor name -> the safetensors file holding it."""
     index = folder / "model.safetensors.index.json"
     if index.is_file():
-        weight_map = json.loads(index.read_text())["weight_map"]
+        weight_map = read_json_file(index).get("weight_map")
+        if not isinstance(weight_map, dict):
+            raise UsageError(f"{index}: no 'weight_map' of tensor names to files; the index is damaged.")
+        for file in sorted(set(weight_map.values())):
+            check_safetensors(folder / file)
         return {name: folder / file for name, file in weight_map.items()}
     single = folder / "model.safetensors"
     if not single.is_file():
         raise UsageError(f"{folder}: the base model has no safetensors weights; lorafit merges safetensors bases.")
+    check_safetensors(single)
     reader = TensorFile(single)
     try:
         return dict.fromkeys(reader.names(), single)
@@ -310,12 +323,12 @@ def merge_adapter(
     from lorafit.adapters.save import write_folder_atomically
     from lorafit.io import write_json_atomic
     from lorafit.model.load import load_tokenizer
+    from lorafit.outputs import check_output_folder
 
     if dtype not in DTYPES:
         raise UsageError(f"--dtype {dtype}: use one of {', '.join(DTYPES)}.")
     out_dir = Path(out_dir)
-    if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
-        raise UsageError(f"{out_dir} is not empty; choose another --out or pass --overwrite.")
+    check_output_folder(out_dir, "model", overwrite)
     trained = locate_trained(spec)
     if trained.kind != "lora":
         raise UsageError(f"{trained.path} is a fully fine-tuned model already; there is no adapter to merge.")
@@ -345,7 +358,7 @@ def merge_adapter(
             },
         )
 
-    write_folder_atomically(out_dir, write)
+    write_folder_atomically(out_dir, write, kind="model")
     summary.update(
         seconds=time.perf_counter() - started,
         peak_rss_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0,

@@ -14,6 +14,7 @@ import re
 from pathlib import Path
 
 from lorafit.data.chat_template import DEFAULT_CHAT_TEMPLATE
+from lorafit.io import write_text_atomic
 
 CHATML = "{{- range .Messages }}<|im_start|>{{ .Role }}\n{{ .Content }}<|im_end|>\n{{ end }}<|im_start|>assistant\n"
 CHATML_WITH_SYSTEM = (
@@ -41,6 +42,22 @@ def ollama_template(template: str | None, eos_token: str) -> tuple[str, list[str
     return None
 
 
+HEADER = "# Modelfile written by lorafit"  # its last line; `--overwrite` replaces only such files
+
+
+def modelfile_path(gguf_file: Path) -> Path:
+    """FILE.gguf -> FILE.Modelfile (one per export: several can share a folder)."""
+    return gguf_file.with_name(f"{gguf_file.stem}.Modelfile")
+
+
+def modelfile_written_by_lorafit(path: Path) -> bool:
+    try:
+        text = path.read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        return False
+    return any(line.startswith(HEADER) for line in text.splitlines())
+
+
 def write_modelfile(
     gguf_file: Path, template: str | None, eos_token: str, base_gguf: Path | None = None
 ) -> tuple[Path, bool]:
@@ -55,6 +72,7 @@ def write_modelfile(
         go_template, stops = translated
         lines += [f'TEMPLATE """{go_template}"""', ""]
         lines += [f'PARAMETER stop "{stop}"' for stop in stops]
-    out = gguf_file.with_name(f"{gguf_file.stem}.Modelfile")  # one per export: several can share a folder
-    out.write_text("\n".join(lines).rstrip() + "\n", encoding="utf-8")
+    lines += ["", f"{HEADER} for {gguf_file.name}"]
+    out = modelfile_path(gguf_file)
+    write_text_atomic(out, "\n".join(lines).strip() + "\n")
     return out, translated is not None

@@ -26,6 +26,7 @@ from lorafit.errors import UsageError
 from lorafit.evaluate.generate import generation_mode, greedy_generate
 from lorafit.io import write_json_atomic
 from lorafit.model.load import load_causal_lm, load_tokenizer
+from lorafit.outputs import check_output_folder
 from lorafit.train.precision import autocast_context, resolve_precision
 
 BASE = "base"
@@ -143,10 +144,12 @@ class AdapterSession:
             if isinstance(module, LoraLayer) and name in module.scaling:
                 module.scaling[name] = module.lora_alpha[name] / module.r[name]
 
-    def save(self, name: str, out_dir: str | Path) -> Path:
-        """Write adapter `name` as a standard PEFT folder plus lorafit.json."""
+    def save(self, name: str, out_dir: str | Path, overwrite: bool = False, option: str = "--out") -> Path:
+        """Write adapter `name` as a standard PEFT folder plus lorafit.json. An existing folder is
+        refused unless it holds an adapter lorafit saved and `overwrite` is set (see lorafit.outputs)."""
         if name not in self.templates or name == BASE:
             raise UsageError(f"No adapter named '{name}' to save; loaded: {', '.join(self.names[1:])}.")
+        check_output_folder(Path(out_dir), "adapter", overwrite, option)
         template = self.templates[name]
         first = self.trained.get(name) or self.trained[next(iter(self.combined[name]["weights"]))]
         metadata = {
@@ -173,7 +176,7 @@ class AdapterSession:
                         shutil.move(str(item), folder / item.name)
             write_json_atomic(folder / "lorafit.json", metadata)
 
-        return write_folder_atomically(Path(out_dir), write)
+        return write_folder_atomically(Path(out_dir), write, kind="adapter")
 
 
 def parse_named(specs: list[str]) -> dict[str, str]:

@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
+from rich.markup import escape
 
 from lorafit.cli.app import _fail, console
 from lorafit.errors import LorafitError, UsageError
@@ -27,10 +28,10 @@ def merge(
     """Merge a LoRA adapter into its base: a plain transformers model folder (safetensors, config,
     tokenizer and chat template), streamed tensor by tensor."""
     from lorafit.adapters.merge import merge_adapter
+    from lorafit.config import check_options
 
     try:
-        if max_shard_mb < 1:
-            raise UsageError("--max-shard-mb must be at least 1.")
+        check_options({"--max-shard-mb": ("options.max_shard_mb", max_shard_mb)})
         result = merge_adapter(
             adapter,
             out,
@@ -70,6 +71,7 @@ def export(
     adapter_only: Annotated[
         bool, typer.Option(help="Write the adapter alone as a llama.cpp LoRA GGUF (for --lora over the base's GGUF).")
     ] = False,
+    overwrite: Annotated[bool, typer.Option(help="Replace a GGUF file (and Modelfile) lorafit wrote before.")] = False,
 ) -> None:
     """Export an adapter merged into its base (or a fully fine-tuned run) as GGUF for llama.cpp and
     Ollama, with a Modelfile beside it; checked in llama.cpp when llama-cpp-python is installed."""
@@ -87,6 +89,7 @@ def export(
             pre_tokenizer=pre_tokenizer,
             allow_base_mismatch=allow_base_mismatch,
             adapter_only=adapter_only,
+            overwrite=overwrite,
         )
     except LorafitError as exc:
         _fail(exc)
@@ -117,7 +120,8 @@ def export(
 
 CHAT_HELP = (
     "/use NAME  switch adapter (no reload) · /base  the base model · /list · "
-    "/mix NEW A=0.5 B=0.5 [cat|linear|svd]  combine adapters · /save NAME DIR · /reset  new conversation · /quit"
+    "/mix NEW A=0.5 B=0.5 [cat|linear|svd]  combine adapters · /save NAME DIR [--overwrite] · /reset  new "
+    "conversation · /quit"
 )
 
 
@@ -134,8 +138,15 @@ def chat(
 ) -> None:
     """Chat with one base model and several adapters, switching between them without reloading."""
     from lorafit.adapters.switch import AdapterSession, parse_named
+    from lorafit.config import check_options
 
     try:
+        check_options(
+            {
+                "--max-new-tokens": ("options.chat_max_new_tokens", max_new_tokens),
+                "--precision": ("train.precision", precision),
+            }
+        )
         session = AdapterSession(parse_named(adapter), base, precision, allow_base_mismatch)
     except LorafitError as exc:
         _fail(exc)
@@ -165,10 +176,13 @@ def chat(
             elif command == "/mix" and len(args) >= 2:
                 kind = args[-1] if "=" not in args[-1] else "cat"
                 pairs = [a.split("=", 1) for a in args[1:] if "=" in a]
-                session.combine(args[0], {name: float(weight) for name, weight in pairs}, kind)
+                weights = {name: float(weight) for name, weight in pairs}
+                check_options({"/mix weights": ("options.combine_weights", list(weights.values()))})
+                session.combine(args[0], weights, kind)
                 console.print(f"added {args[0]}; /use {args[0]} to talk to it, /save {args[0]} DIR to keep it")
-            elif command == "/save" and len(args) == 2:
-                console.print(f"saved {session.save(args[0], args[1])}")
+            elif command == "/save" and len(args) in (2, 3) and args[2:] in ([], ["--overwrite"]):
+                saved = session.save(args[0], args[1], overwrite=len(args) == 3, option="/save")
+                console.print(f"saved {saved}")
             elif command.startswith("/"):
                 console.print(CHAT_HELP, highlight=False)
             else:
@@ -177,7 +191,7 @@ def chat(
                 history.append({"role": "assistant", "content": answer})
                 console.print(f"[bold]{session.active}:[/] {answer}", highlight=False)
         except (LorafitError, ValueError) as exc:
-            console.print(f"[bold red]error:[/] {exc}", highlight=False)
+            console.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False)
 
 
 def combine(
@@ -188,9 +202,12 @@ def combine(
     out: Annotated[Path, typer.Option("--out", metavar="DIR", help="Folder for the combined PEFT adapter.")],
     combination: Annotated[str, typer.Option(help="cat (exact), svd or linear.")] = "cat",
     base: Annotated[str | None, typer.Option(help="Base model (default: the one the adapters record).")] = None,
+    overwrite: Annotated[bool, typer.Option(help="Replace an adapter lorafit saved in --out before.")] = False,
 ) -> None:
     """Combine adapters into one, weighted (PEFT's add_weighted_adapter), saved as a new adapter."""
-    from lorafit.adapters.switch import AdapterSession, parse_named
+    from lorafit.adapters.switch import COMBINATIONS, AdapterSession, parse_named
+    from lorafit.config import check_options
+    from lorafit.outputs import check_output_folder
 
     try:
         named = parse_named(adapter)
@@ -198,11 +215,15 @@ def combine(
             values = [float(w) for w in weights.split(",")]
         except ValueError:
             raise UsageError(f"--weights {weights}: give numbers separated by commas, e.g. 0.7,0.3.") from None
+        check_options({"--weights": ("options.combine_weights", values)})
         if len(values) != len(named):
             raise UsageError(f"--weights has {len(values)} values for {len(named)} adapters; give one per --adapter.")
+        if combination not in COMBINATIONS:
+            raise UsageError(f"--combination {combination}: use one of {', '.join(COMBINATIONS)}.")
+        check_output_folder(out, "adapter", overwrite)  # before the model is loaded
         session = AdapterSession(named, base)
         session.combine("combined", dict(zip(named, values)), combination)
-        saved = session.save("combined", out)
+        saved = session.save("combined", out, overwrite=overwrite)
     except LorafitError as exc:
         _fail(exc)
         return

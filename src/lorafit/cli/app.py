@@ -3,14 +3,20 @@ per stage of the pipeline (data, train, evaluate, adapters)."""
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
+import signal
 import sys
+import threading
 import warnings
+from collections.abc import Callable
 from typing import Annotated
 
+import click
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from lorafit import __version__
 from lorafit.config import field_reference
@@ -19,6 +25,7 @@ from lorafit.errors import LorafitError
 app = typer.Typer(
     add_completion=False,
     no_args_is_help=True,
+    pretty_exceptions_enable=False,
     rich_markup_mode=None,
     help="Adapt Llama-family language models to a domain with LoRA.",
 )
@@ -66,8 +73,62 @@ def main(
 def _fail(exc: LorafitError) -> None:
     if _debug:
         raise exc
-    console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+    # Escaped: a message quoting a list ([q_proj]) must not be read as console markup.
+    console.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
     raise typer.Exit(exc.exit_code)
+
+
+def _interrupt(signum: int, frame) -> None:
+    global _signal_name
+    _signal_name = signal.Signals(signum).name
+    raise KeyboardInterrupt  # unwinds through every `finally`, so temporary files are removed
+
+
+_signal_name = "SIGINT"
+
+
+def guarded(command: Callable) -> Callable:
+    """Every command runs inside this: SIGTERM unwinds like Ctrl-C (temporary files removed on the
+    way out), an interruption exits 130 saying what was left, and an error lorafit did not foresee
+    is one line naming its type, never a traceback (`--debug` shows it)."""
+
+    @functools.wraps(command)
+    def run_command(*args, **kwargs):
+        global _signal_name
+        _signal_name = "SIGINT"
+        main_thread = threading.current_thread() is threading.main_thread()
+        previous = signal.signal(signal.SIGTERM, _interrupt) if main_thread else None
+        try:
+            return command(*args, **kwargs)
+        except LorafitError as exc:
+            _fail(exc)
+        except KeyboardInterrupt:
+            if _debug:
+                raise
+            console.print(
+                f"[bold red]interrupted[/] by {_signal_name}: stopped before finishing; nothing half-written was "
+                "left (lorafit writes under temporary names and renames only complete outputs). Run the command "
+                "again to redo it.",
+                highlight=False,
+            )
+            raise typer.Exit(130) from None
+        except (typer.Exit, typer.Abort, click.exceptions.Exit, click.ClickException, click.exceptions.Abort):
+            raise  # typer's own way out, and its usage errors
+        except Exception as exc:
+            if _debug:
+                raise
+            console.print(
+                f"[bold red]error:[/] {type(exc).__name__}: {escape(str(exc))}. lorafit did not expect this; rerun "
+                "with --debug for the details, and please report it with the command line.",
+                highlight=False,
+                soft_wrap=True,
+            )
+            raise typer.Exit(1) from None
+        finally:
+            if main_thread:
+                signal.signal(signal.SIGTERM, previous)
+
+    return run_command
 
 
 def bare_resume_means_latest(argv: list[str]) -> list[str]:

@@ -9,7 +9,7 @@ import typer
 from rich.table import Table
 
 from lorafit.cli.app import _fail, console
-from lorafit.errors import LorafitError, UsageError
+from lorafit.errors import LorafitError
 
 
 def prepare(
@@ -24,15 +24,25 @@ def prepare(
     ] = None,
     exclude_ngram: Annotated[int, typer.Option(help="n-gram length (words) for decontamination.")] = 13,
     base: Annotated[str, typer.Option(help="Model whose tokenizer counts tokens (empty = embedded default).")] = "",
+    overwrite: Annotated[bool, typer.Option(help="Replace data an earlier lorafit prepare wrote into --out.")] = False,
 ) -> None:
     """Clean, de-duplicate, decontaminate and split raw documents into train/valid JSONL."""
+    from lorafit.config import check_options
     from lorafit.data.prepare import PrepareOptions, add_token_counts, prepare_documents, write_prepared
     from lorafit.data.tokenize import count_tokens
     from lorafit.model.load import load_tokenizer, resolve_base
+    from lorafit.outputs import check_output_folder, output_folder
 
     try:
-        if not 0.0 <= valid_ratio < 1.0:
-            raise UsageError("--valid-ratio must be at least 0 and below 1.")
+        check_options(
+            {
+                "--min-chars": ("data.min_chars", min_chars),
+                "--near-dup-threshold": ("data.near_dup_threshold", near_dup_threshold),
+                "--valid-ratio": ("data.valid_ratio", valid_ratio),
+                "--exclude-ngram": ("data.exclude_ngram", exclude_ngram),
+            }
+        )
+        check_output_folder(out, "prepared", overwrite)  # before any work
         options = PrepareOptions(
             text_field=text_field,
             min_chars=min_chars,
@@ -40,12 +50,14 @@ def prepare(
             valid_ratio=valid_ratio,
             exclude=[str(p) for p in exclude or []],
             exclude_ngram=exclude_ngram,
+            setting_names=CLI_SETTINGS,
         )
-        with console.status("reading and cleaning documents..."):
-            prepared = prepare_documents(inputs, options)
-        tokenizer = load_tokenizer(resolve_base(base))
-        add_token_counts(prepared, lambda texts: count_tokens(texts, tokenizer))
-        paths = write_prepared(prepared, out)
+        with output_folder(out, "prepared", "lorafit prepare"):
+            with console.status("reading and cleaning documents..."):
+                prepared = prepare_documents(inputs, options)
+            tokenizer = load_tokenizer(resolve_base(base))
+            add_token_counts(prepared, lambda texts: count_tokens(texts, tokenizer))
+            paths = write_prepared(prepared, out)
     except LorafitError as exc:
         _fail(exc)
         return
@@ -53,6 +65,16 @@ def prepare(
         console.print(f"[yellow]skipped[/] {problem.where}: {problem.message}", highlight=False)
     console.print(stats_table(prepared.stats))
     console.print(f"wrote {paths['train']}, {paths['valid']}, {paths['stats']}")
+
+
+# How the advice in data errors names a setting when `lorafit prepare` was run (config keys otherwise).
+CLI_SETTINGS = {
+    "data.min_chars": "--min-chars",
+    "data.text_field": "--text-field",
+    "data.near_dup_threshold": "--near-dup-threshold",
+    "data.exclude": "--exclude",
+    "data.train": "the inputs",
+}
 
 
 def stats_table(stats: dict) -> Table:

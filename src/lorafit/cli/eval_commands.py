@@ -57,24 +57,31 @@ def evaluate_models(
     allow_base_mismatch: Annotated[
         bool, typer.Option(help="Evaluate adapters even if they record other base weights.")
     ] = False,
+    overwrite: Annotated[bool, typer.Option(help="Replace a report lorafit wrote into --out before.")] = False,
 ) -> None:
     """Measure the base model and adapters on the same data: domain perplexity, forgetting, task
     metrics, generations and cost, in one report (report.json, report.md, report.html)."""
+    from lorafit.config import check_options
     from lorafit.data.datasets import GENERAL_SAMPLE
     from lorafit.evaluate.run import EvalRequest, run_evaluation
 
     try:
-        if precision not in {None, "auto", "bf16", "fp32"}:
-            raise UsageError(f"--precision {precision}: use auto, bf16 or fp32.")
-        if batch_size < 1 or max_blocks < 0 or task_max_examples < 0:
-            raise UsageError("--batch-size must be at least 1; --max-blocks and --task-max-examples at least 0.")
+        check_options(
+            {
+                "--precision": ("train.precision", precision),
+                "--seq-len": ("train.seq_len", seq_len),
+                "--batch-size": ("options.eval_batch_size", batch_size),
+                "--max-blocks": ("options.max_blocks", max_blocks),
+                "--task-max-examples": ("eval.task_max_examples", task_max_examples),
+                "--max-new-tokens": ("eval.max_new_tokens", max_new_tokens),
+                "--task-max-new-tokens": ("eval.task_max_new_tokens", task_max_new_tokens),
+            }
+        )
         if not adapter and base is None:
             raise UsageError("Name at least one --adapter (or --base alone to evaluate a base model).")
         prompt_lines: list[str] = []
         if prompts is not None:
-            if not prompts.is_file():
-                raise UsageError(f"--prompts {prompts}: no such file.")
-            prompt_lines = [line.strip() for line in prompts.read_text(encoding="utf-8").splitlines() if line.strip()]
+            prompt_lines = read_prompt_lines(prompts)
         request = EvalRequest(
             out=out,
             adapters=list(adapter or []),
@@ -91,6 +98,7 @@ def evaluate_models(
             task_max_new_tokens=task_max_new_tokens,
             precision=precision,
             allow_base_mismatch=allow_base_mismatch,
+            overwrite=overwrite,
         )
         result = run_evaluation(request, console)
     except LorafitError as exc:
@@ -98,6 +106,19 @@ def evaluate_models(
         return
     print_report(result.report)
     console.print("report: " + "  ".join(str(path) for path in result.paths.values()))
+
+
+def read_prompt_lines(path: Path) -> list[str]:
+    """--prompts: one prompt per non-empty line of a UTF-8 text file."""
+    if not path.is_file():
+        raise UsageError(f"--prompts {path}: no such file.")
+    try:
+        lines = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    except UnicodeDecodeError as exc:
+        raise UsageError(f"--prompts {path}: not UTF-8 text (byte {exc.start}); save it as UTF-8.") from None
+    if not lines:
+        raise UsageError(f"--prompts {path}: the file holds no prompt; write one per line.")
+    return lines
 
 
 def print_report(report: dict) -> None:

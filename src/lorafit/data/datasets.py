@@ -131,8 +131,8 @@ def load_run_documents(data: DataSection, prepared_dir: Path | None) -> RunDocum
         problems.items.extend(valid_problems.items)
     if not train and not train_conversations:
         raise DataError(
-            f"No training documents or examples in {', '.join(data.train)}; check data.train, data.format and "
-            "data.text_field / data.fields."
+            f"No training documents or examples in {', '.join(data.train)}{first_problems(problems)}; check "
+            "data.train, data.format and data.text_field / data.fields."
         )
     if not valid and not valid_conversations:
         raise DataError(
@@ -149,6 +149,15 @@ def load_run_documents(data: DataSection, prepared_dir: Path | None) -> RunDocum
         problems=problems,
         formats=formats,
     )
+
+
+def first_problems(problems: Problems, shown: int = 3) -> str:
+    """' (N records or files skipped: where: why; ...)' for an error that would otherwise hide why."""
+    if not problems.items:
+        return ""
+    listed = "; ".join(f"{p.where}: {p.message}" for p in problems.items[:shown])
+    more = f"; {len(problems.items) - shown} more" if len(problems.items) > shown else ""
+    return f" ({len(problems.items)} records or files skipped: {listed}{more})"
 
 
 @dataclass
@@ -290,6 +299,8 @@ def load_eval_blocks(
     token scored; instruction files have their answers scored, as in training."""
     problems = problems if problems is not None else Problems()
     formats: dict[str, str] = {}
+    # data.format describes the training files; each evaluation file shows its own format.
+    data = data.model_copy(update={"format": "auto"})
     groups = _group_by_format(eval_files(paths), data, formats)
     text = conversations = None
     if "text" in groups:
@@ -322,7 +333,7 @@ def load_eval_blocks(
     blocks = _join(text, conversations)
     if blocks is None or len(blocks) == 0:
         raise DataError(
-            f"No evaluation text in {', '.join(paths)}; expected JSONL records with a "
-            f"'{data.text_field}' field (or data.fields for instructions), or documents."
+            f"No evaluation text in {', '.join(paths)}{first_problems(problems)}; expected JSONL records with a "
+            f"'{data.text_field}' field, instruction records, or documents."
         )
     return blocks

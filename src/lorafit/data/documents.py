@@ -29,3 +29,11 @@ class Problems:
 
     def count(self, reason: str) -> int:
         return sum(1 for item in self.items if item.reason == reason)
+
+
+def print_problems(console, problems: list[Problem], listed_in: str, shown: int = 20) -> None:
+    """The first `shown` problems, one line each, and how many more `listed_in` holds."""
+    for problem in problems[:shown]:
+        console.print(f"[yellow]skipped[/] {problem.where}: {problem.message}", highlight=False)
+    if len(problems) > shown:
+        console.print(f"[yellow]skipped {len(problems) - shown} more records or files[/] (listed in {listed_in})")

@@ -73,13 +73,24 @@ def detect_format(record: dict, fields: dict[str, str], text_field: str) -> str 
 def detect_file_format(path: Path, fields: dict[str, str], text_field: str) -> str:
     """The format of a JSONL/JSON file, from its first readable records."""
     seen: list[str] = []
-    for _, record in iter_records(path, Problems()):
+    problems = Problems()
+    records = 0
+    for _, record in iter_records(path, problems):
+        records += 1
         found = detect_format(record, fields, text_field)
         if found:
             return found
         seen = sorted(map(str, record))
-        if len(seen) >= DETECT_RECORDS:
+        if records >= DETECT_RECORDS:
             break
+    if not records:
+        if problems.items:
+            first = problems.items[0]
+            raise DataError(
+                f"{path}: no readable record ({len(problems.items)} bad, the first {first.where}: {first.message}); "
+                "fix the file (one JSON object per line) or leave it out."
+            )
+        raise DataError(f"{path}: the file holds no records (it is empty); add records or leave it out.")
     raise DataError(
         f"{path}: cannot tell the record format (fields: {', '.join(seen) or 'none'}). Expected "
         f"'{fields['messages']}' (chat), '{fields['conversations']}' (sharegpt), '{fields['instruction']}' + "

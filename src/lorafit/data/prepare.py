@@ -29,6 +29,11 @@ class PrepareOptions:
     valid_ratio: float = 0.1
     exclude: list[str] = field(default_factory=list)
     exclude_ngram: int = 13
+    # How advice names a setting: config keys by default; `lorafit prepare` maps them to its options.
+    setting_names: dict[str, str] = field(default_factory=dict)
+
+    def setting(self, key: str) -> str:
+        return self.setting_names.get(key, key)
 
 
 @dataclass
@@ -39,33 +44,81 @@ class Prepared:
     problems: Problems
 
 
-def clean_documents(documents: list[Document], min_chars: int, removed: dict[str, int]) -> list[Document]:
+def clean_documents(
+    documents: list[Document], min_chars: int, removed: dict[str, int], examples: dict[str, list[str]] | None = None
+) -> list[Document]:
+    """Normalised documents of at least `min_chars`; `examples` collects a few sources per removal."""
     kept = []
     for doc in documents:
         text = normalize_text(doc.text)
-        if not text:
-            removed["empty"] += 1
-        elif len(text) < min_chars:
-            removed["too_short"] += 1
-        else:
+        reason = "empty" if not text else "too_short" if len(text) < min_chars else None
+        if reason is None:
             kept.append(Document(text=text, source=doc.source))
+            continue
+        removed[reason] += 1
+        if examples is not None and len(examples.setdefault(reason, [])) < SHOWN_EXAMPLES:
+            examples[reason].append(f"{doc.source} ({len(text)} characters)")
     return kept
+
+
+SHOWN_EXAMPLES = 3  # sources or problems quoted per cause when everything was rejected
+
+
+def nothing_left_error(
+    inputs: list[str], removed: dict[str, int], examples: dict[str, list[str]], problems: Problems, options
+) -> DataError:
+    """Why every document was rejected: each cause with its count, its first instances, and the
+    fix, naming the setting as the user's command spells it."""
+    lines = [f"No documents left from {', '.join(inputs)}:"]
+    if removed["unreadable"]:
+        shown = [f"{p.where}: {p.message}" for p in problems.items if p.reason == "unreadable"][:SHOWN_EXAMPLES]
+        lines.append(
+            f"- {removed['unreadable']} unreadable ({'; '.join(shown)}); fix or convert them (text must be UTF-8, "
+            f"PDFs need a text layer, JSONL records need a '{options.text_field}' field: "
+            f"{options.setting('data.text_field')})."
+        )
+    if removed["empty"]:
+        lines.append(
+            f"- {removed['empty']} without any text after extraction ({', '.join(examples.get('empty', []))}): "
+            "pages without main content or empty files."
+        )
+    if removed["too_short"]:
+        lines.append(
+            f"- {removed['too_short']} shorter than {options.min_chars} characters "
+            f"({', '.join(examples.get('too_short', []))}); lower {options.setting('data.min_chars')}."
+        )
+    if removed["exact_duplicate"] or removed["near_duplicate"]:
+        lines.append(
+            f"- {removed['exact_duplicate']} exact and {removed['near_duplicate']} near-duplicates of others; "
+            f"raise {options.setting('data.near_dup_threshold')} (now {options.near_dup_threshold}) to keep "
+            "more similar documents."
+        )
+    if removed["contaminated"]:
+        lines.append(
+            f"- {removed['contaminated']} share {options.exclude_ngram}-word passages with the evaluation sets "
+            f"{options.setting('data.exclude')} ({', '.join(options.exclude)}); check those are the right files."
+        )
+    if len(lines) == 1:
+        lines.append(f"- no documents were found in them; check {options.setting('data.train')}.")
+    return DataError("\n".join(lines))
 
 
 def prepare_documents(inputs: Iterable[str | Path], options: PrepareOptions) -> Prepared:
     """Run the whole cleaning pipeline in memory; `write_prepared` puts the result on disk."""
     problems = Problems()
+    inputs = [str(entry) for entry in inputs]
     raw = read_documents(inputs, options.text_field, problems)
     removed = dict.fromkeys(REMOVAL_REASONS, 0)
     removed["unreadable"] = problems.count("unreadable")
-    documents = clean_documents(raw, options.min_chars, removed)
+    examples: dict[str, list[str]] = {}
+    documents = clean_documents(raw, options.min_chars, removed, examples)
     documents, removed["exact_duplicate"] = drop_exact_duplicates(documents)
     documents, removed["near_duplicate"] = drop_near_duplicates(documents, options.near_dup_threshold)
     if options.exclude:
         banned = excluded_ngrams(options.exclude, options.exclude_ngram)
         documents, removed["contaminated"] = drop_contaminated(documents, banned, options.exclude_ngram)
     if not documents:
-        raise DataError(f"No documents left after cleaning ({removed}); check the inputs or lower data.min_chars.")
+        raise nothing_left_error(inputs, removed, examples, problems, options)
     train, valid = split_documents(documents, options.valid_ratio)
     stats = {
         "documents_in": len(raw) + removed["unreadable"],

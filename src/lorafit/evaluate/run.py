@@ -26,7 +26,7 @@ from lorafit.adapters.save import folder_bytes
 from lorafit.config import DataSection, EvalSection, RunConfig
 from lorafit.data.chat_template import render_prompt, resolve_chat_template
 from lorafit.data.datasets import GENERAL_SAMPLE, load_eval_blocks, load_run_documents, pack_run_documents
-from lorafit.data.documents import Problems
+from lorafit.data.documents import Problems, print_problems
 from lorafit.data.pack import PackedBlocks
 from lorafit.errors import DataError, UsageError
 from lorafit.evaluate.compare import model_outputs
@@ -45,6 +45,7 @@ from lorafit.evaluate.tasks import load_task_records
 from lorafit.io import write_json_atomic
 from lorafit.model.attention import use_block_causal_attention
 from lorafit.model.load import check_seq_len, load_causal_lm, load_model_config, load_tokenizer, resolve_base
+from lorafit.outputs import check_output_folder, output_folder
 from lorafit.train.objective import CausalLMObjective
 from lorafit.train.precision import autocast_context, resolve_precision
 
@@ -71,6 +72,7 @@ class EvalRequest:
     precision: str | None = None  # None: the run's train.precision ('auto' without a run)
     allow_base_mismatch: bool = False
     seed: int = 0
+    overwrite: bool = False  # replace a report lorafit wrote into `out` before
 
 
 @dataclass
@@ -148,6 +150,13 @@ def _training_cost(model: TrainedModel) -> dict:
 def run_evaluation(request: EvalRequest, console: Console | None = None) -> EvalResult:
     """Measure the base and every adapter; write report.json/md/html and tasks.json to request.out."""
     console = console or Console()
+    out = Path(request.out)
+    check_output_folder(out, "report", request.overwrite)  # before anything is measured
+    with output_folder(out, "report", "lorafit eval"):
+        return _evaluate(request, out, console)
+
+
+def _evaluate(request: EvalRequest, out: Path, console: Console) -> EvalResult:
     random.seed(request.seed)
     torch.manual_seed(request.seed)
     trained = [locate_trained(spec) for spec in request.adapters]
@@ -175,8 +184,7 @@ def run_evaluation(request: EvalRequest, console: Console | None = None) -> Eval
         records = records[: request.task_max_examples]
     if request.tasks and not records:
         raise DataError(f"No usable task records in {', '.join(request.tasks)}; check --tasks.")
-    for problem in problems.items[:20]:
-        console.print(f"[yellow]skipped[/] {problem.where}: {problem.message}", highlight=False)
+    print_problems(console, problems.items, "report.json")
     instruction_run = bool(
         config and (config.eval.tasks or any(m.metadata.get("data", {}).get("instructions") for m in trained))
     )
@@ -266,11 +274,14 @@ def run_evaluation(request: EvalRequest, console: Console | None = None) -> Eval
         prompts=shown,
     )
     report["settings"] = {"precision": precision, "device": str(device), "batch_size": request.batch_size}
-    out = Path(request.out)
+    # Every record or file left out, with where and why (the terminal shows the first of them).
+    report["data"]["skipped"] = [{"where": p.where, "reason": p.reason, "message": p.message} for p in problems.items]
     paths = write_report(out, report)
     if records:
         paths["tasks.json"] = out / "tasks.json"
-        write_json_atomic(paths["tasks.json"], task_answers(records, [m.name for m in models], ordered))
+        answers = task_answers(records, [m.name for m in models], ordered)
+        answers["skipped"] = [{"where": p.where, "message": p.message} for p in problems.items]
+        write_json_atomic(paths["tasks.json"], answers)
     return EvalResult(report=report, paths=paths)
 
 

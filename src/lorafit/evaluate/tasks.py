@@ -28,6 +28,7 @@ def load_task_records(paths: list[str], data: DataSection, problems: Problems) -
     """Test conversations from instruction files (alpaca, chat or ShareGPT; detected like training data)."""
     records: list[Conversation] = []
     fields = field_names(data.fields)
+    data = data.model_copy(update={"format": "auto"})  # data.format describes the training files
     for path in find_files(paths):
         fmt = file_format(path, data)
         if fmt == "text":

@@ -17,6 +17,8 @@ from pathlib import Path
 
 from lorafit.errors import ModelError
 from lorafit.home import lorafit_home
+from lorafit.io import staging_prefix
+from lorafit.outputs import cache_lock, sweep_stale
 
 log = logging.getLogger(__name__)
 
@@ -98,21 +100,28 @@ def cached_gguf_folder(gguf_path: Path, name: str) -> Path:
     target = models / f"{name}-{digest[:16]}"
     if (target / "config.json").is_file():
         return target
-    models.mkdir(parents=True, exist_ok=True)
-    log.info("Converting %s to a cached model folder (once)...", gguf_path.name)
-    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=models))
-    os.chmod(staging, 0o755)
-    try:
-        convert_gguf_to_folder(gguf_path, staging)
-        (staging / "lorafit_source.txt").write_text(f"{gguf_path}\nsha256 {digest}\n")
+    # One process converts; another one asking at the same time waits, then finds the folder.
+    with cache_lock(models / f".{target.name}.lock"):
+        if (target / "config.json").is_file():
+            return target
+        sweep_stale(models)
+        log.info("Converting %s to a cached model folder (once)...", gguf_path.name)
+        staging = Path(tempfile.mkdtemp(prefix=staging_prefix(target.name), dir=models))
+        os.chmod(staging, 0o755)
         try:
-            os.rename(staging, target)
-        except OSError:
-            # Another process finished first; its folder is as good as ours.
-            if not (target / "config.json").is_file():
+            try:
+                convert_gguf_to_folder(gguf_path, staging)
+            except ModelError:
                 raise
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+            except Exception as exc:  # the GGUF parser and converter raise many kinds on a damaged file
+                raise ModelError(
+                    f"{gguf_path}: cannot be read as a GGUF model ({exc}); the file is truncated or damaged, or "
+                    "holds a model transformers cannot convert."
+                ) from None
+            (staging / "lorafit_source.txt").write_text(f"{gguf_path}\nsha256 {digest}\n")
+            os.rename(staging, target)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
     return target
 
 

@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 
 from lorafit.errors import ConfigError, ModelError
+from lorafit.integrity import check_gguf, check_safetensors, read_json_file
 from lorafit.model.embedded import EMBEDDED_NAME, cached_gguf_folder, embedded_model_folder
 
 WEIGHT_FILES = (
@@ -50,6 +51,7 @@ def resolve_base(spec: str) -> BaseModelRef:
     if path.suffix.lower() == ".gguf":
         if not path.is_file():
             raise ModelError(f"{path}: no such GGUF file.")
+        check_gguf(path)
         return BaseModelRef(spec=spec, name=path.stem, path=str(cached_gguf_folder(path, path.stem)))
     if path.exists():
         raise ModelError(f"{path}: not a model folder or .gguf file.")
@@ -88,9 +90,12 @@ def _hub_failure(ref: BaseModelRef, why: Exception | str) -> ModelError:
 def load_model_config(ref: BaseModelRef):
     from transformers import AutoConfig
 
+    config_file = Path(ref.path) / "config.json"
+    if config_file.is_file():
+        read_json_file(config_file)  # a cut file gets its own message, with the line
     try:
         return AutoConfig.from_pretrained(ref.path)
-    except (OSError, ValueError) as exc:
+    except (OSError, ValueError, KeyError) as exc:
         raise ModelError(f"{ref.path}: cannot read the model's config.json ({exc}).") from None
 
 
@@ -110,6 +115,11 @@ def load_tokenizer(ref: BaseModelRef):
         if ref.path == ref.spec and not Path(ref.spec).exists():
             raise _hub_failure(ref, exc) from None
         raise ModelError(f"{ref.path}: cannot load the tokenizer ({exc}).") from None
+    except Exception as exc:  # a damaged tokenizer.json raises whatever its parser meets
+        raise ModelError(
+            f"{ref.path}: cannot load the tokenizer ({type(exc).__name__}: {exc}); check tokenizer.json and "
+            "tokenizer_config.json."
+        ) from None
     if not getattr(tokenizer, "is_fast", False):
         raise ModelError(f"{ref.path}: lorafit needs a fast (tokenizers) tokenizer; add tokenizer.json.")
     if tokenizer.eos_token_id is None:
@@ -123,14 +133,55 @@ def load_causal_lm(ref: BaseModelRef, dtype: torch.dtype = torch.float32, quanti
     from transformers import AutoModelForCausalLM
 
     extra = {"quantization_config": quantization_config, "device_map": {"": 0}} if quantization_config else {}
+    folder = Path(ref.path)
+    for weights in sorted(folder.glob("*.safetensors")) if folder.is_dir() else []:
+        check_safetensors(weights)  # a truncated file, named, instead of a parser's traceback
     try:
-        model = AutoModelForCausalLM.from_pretrained(ref.path, dtype=dtype, attn_implementation="sdpa", **extra)
+        model, info = AutoModelForCausalLM.from_pretrained(
+            ref.path,
+            dtype=dtype,
+            attn_implementation="sdpa",
+            # Mismatches are reported in `info` and refused below, with the shapes named.
+            output_loading_info=True,
+            ignore_mismatched_sizes=True,
+            **extra,
+        )
     except OSError as exc:
         if ref.path == ref.spec and not Path(ref.spec).exists():
             raise _hub_failure(ref, exc) from None
         raise ModelError(f"{ref.path}: cannot load the model ({exc}).") from None
+    except (RuntimeError, ValueError) as exc:  # shapes in config.json that the weights do not have
+        lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+        raise ModelError(
+            f"{ref.path}: config.json does not match the weights ({lines[-1] if lines else type(exc).__name__}); "
+            "use the config.json that came with these weights."
+        ) from None
+    check_loading_info(ref.path, model, info)
     model.config.use_cache = False
     return model
+
+
+def check_loading_info(path: str, model, info: dict) -> None:
+    """Refuse a model whose weights do not cover what its config.json describes: transformers
+    would initialise the missing tensors at random and train on them without a word."""
+    tied = {"lm_head.weight"} if getattr(model.config, "tie_word_embeddings", False) else set()
+    missing = sorted(set(info.get("missing_keys") or ()) - tied)
+    mismatched = [
+        f"{name} {tuple(saved)} vs {tuple(wanted)}" for name, saved, wanted in info.get("mismatched_keys") or ()
+    ]
+    unexpected = sorted(info.get("unexpected_keys") or ())
+    problems = []
+    if mismatched:
+        problems.append(f"{len(mismatched)} weights have other shapes than config.json says ({mismatched[0]})")
+    if missing:
+        problems.append(f"{len(missing)} weights that config.json asks for are missing ({missing[0]})")
+    if unexpected:
+        problems.append(f"{len(unexpected)} stored weights fit nothing in config.json ({unexpected[0]})")
+    if problems:
+        raise ModelError(
+            f"{path}: config.json does not match the weights: {'; '.join(problems)}. Use the config.json that came "
+            "with these weights."
+        )
 
 
 def weights_fingerprint(ref: BaseModelRef) -> str:

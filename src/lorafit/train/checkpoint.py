@@ -13,13 +13,12 @@ so a crash (even SIGKILL) leaves the previous checkpoints intact and never a hal
 
 from __future__ import annotations
 
-import json
 import os
 import random
 import re
 import shutil
 import tempfile
-from dataclasses import fields
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 import numpy as np
@@ -27,6 +26,9 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from lorafit.errors import UsageError
+from lorafit.integrity import DamagedFileError, check_safetensors, read_json_file
+from lorafit.io import staging_prefix, to_json
+from lorafit.outputs import sweep_stale
 from lorafit.train.loop import LoopState, restore_trainable, trainable_state
 
 _STEP_DIR = re.compile(r"^step-(\d+)$")
@@ -67,7 +69,8 @@ def save_checkpoint(
     `record` (JSON) holds at least the data `position` and the input `fingerprints`."""
     root.mkdir(parents=True, exist_ok=True)
     target = root / f"step-{state.step}"
-    staging = Path(tempfile.mkdtemp(prefix=f".step-{state.step}-", dir=root))
+    sweep_stale(root)  # a checkpoint half-written by a killed process
+    staging = Path(tempfile.mkdtemp(prefix=staging_prefix(f"step-{state.step}"), dir=root))
     try:
         save_file(trainable_state(model), str(staging / "trainable.safetensors"))
         if state.best_trainable is not None:
@@ -78,7 +81,7 @@ def save_checkpoint(
         loop = {
             f.name: getattr(state, f.name) for f in fields(state) if f.name not in ("best_trainable", "interrupted_by")
         }
-        (staging / "state.json").write_text(json.dumps({"loop": loop, **record}, indent=2))
+        (staging / "state.json").write_text(to_json({"loop": loop, **record}, indent=2))
         if save_adapter_to is not None:
             save_adapter_to(staging / "adapter")
         _fsync_tree(staging)
@@ -102,17 +105,35 @@ def list_checkpoints(root: Path) -> list[Path]:
     return [p for _, p in sorted(found)]
 
 
-def find_checkpoint(out_dir: Path, resume: str) -> Path:
-    """'latest' -> newest checkpoint in OUT/checkpoints; otherwise a checkpoint folder."""
+def find_checkpoint(out_dir: Path, resume: str, warn=lambda message: None) -> tuple[Path, CheckpointFiles]:
+    """'latest' -> the newest readable checkpoint in OUT/checkpoints (a damaged one is skipped,
+    `warn`ed about, for the one before it); otherwise the checkpoint folder given, which must be whole."""
     if resume == "latest":
         found = list_checkpoints(out_dir / "checkpoints")
         if not found:
             raise UsageError(f"--resume: no checkpoint in {out_dir / 'checkpoints'}; train without --resume first.")
-        return found[-1]
+        return newest_readable(found, warn)
     path = Path(resume)
     if not (path / "state.json").is_file():
         raise UsageError(f"--resume {path}: not a lorafit checkpoint (no state.json); expected OUT/checkpoints/step-N.")
-    return path
+    return path, read_checkpoint(path)
+
+
+def newest_readable(found: list[Path], warn) -> tuple[Path, CheckpointFiles]:
+    """The newest of `found` (oldest first) whose files are all whole."""
+    damage = []
+    for path in reversed(found):
+        try:
+            files = read_checkpoint(path)
+        except DamagedFileError as exc:
+            damage.append(str(exc))
+            continue
+        if damage:
+            warn(f"skipped {len(damage)} damaged checkpoint(s) ({'; '.join(damage)}); using {path}")
+        return path, files
+    raise UsageError(
+        f"Every checkpoint is damaged ({'; '.join(damage)}); start over with --overwrite, or restore one of them."
+    )
 
 
 def changed_fingerprints(saved: dict, current: dict) -> list[str]:
@@ -128,10 +149,52 @@ def changed_fingerprints(saved: dict, current: dict) -> list[str]:
     return changes
 
 
-def load_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> tuple[LoopState, dict]:
+@dataclass
+class CheckpointFiles:
+    """A checkpoint read whole into memory, before anything of it is applied."""
+
+    record: dict
+    weights: dict[str, torch.Tensor]
+    best: dict[str, torch.Tensor] | None
+    optimizer: dict
+    rng: dict
+
+
+def _read(path: Path, reader):
+    try:
+        return reader(path)
+    except DamagedFileError:
+        raise
+    except Exception as exc:  # torch.load / safetensors on a cut file raise whatever their parser meets
+        raise DamagedFileError(f"{path}: cannot be read ({type(exc).__name__}); the file is damaged.") from None
+
+
+def read_checkpoint(path: Path) -> CheckpointFiles:
+    """Every file of checkpoint `path`, checked; DamagedFileError names the first that is not whole."""
+    record = read_json_file(path / "state.json")
+    if not isinstance(record.get("loop"), dict) or "position" not in record:
+        raise DamagedFileError(f"{path / 'state.json'}: no loop state or data position; the file is damaged.")
+
+    def tensors(file: Path) -> dict[str, torch.Tensor]:
+        check_safetensors(file)
+        return load_file(str(file))
+
+    best = path / "best.safetensors"
+    return CheckpointFiles(
+        record=record,
+        weights=_read(path / "trainable.safetensors", tensors),
+        best=_read(best, tensors) if best.is_file() else None,
+        optimizer=_read(path / "optimizer.pt", lambda file: torch.load(file, weights_only=False)),
+        rng=_read(path / "rng.pt", lambda file: torch.load(file, weights_only=False)),
+    )
+
+
+def load_checkpoint(
+    path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, files: CheckpointFiles | None = None
+) -> tuple[LoopState, dict]:
     """Restore weights, optimizer and RNGs in place; returns the loop state and the data position."""
-    record = json.loads((path / "state.json").read_text())
-    weights = load_file(str(path / "trainable.safetensors"))
+    files = files or read_checkpoint(path)
+    record, weights = files.record, files.weights
     params = dict(model.named_parameters())
     foreign = [name for name, t in weights.items() if name not in params or params[name].shape != t.shape]
     if foreign:
@@ -140,10 +203,18 @@ def load_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch.optim.O
             "lora.target_modules changed?); resume with the configuration that wrote it."
         )
     restore_trainable(model, weights)
-    optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=False))
-    set_rng_state(torch.load(path / "rng.pt", weights_only=False))
-    known = {f.name for f in fields(LoopState)}
-    state = LoopState(**{k: v for k, v in record["loop"].items() if k in known})
-    best = path / "best.safetensors"
-    state.best_trainable = load_file(str(best)) if best.is_file() else None
+    try:
+        optimizer.load_state_dict(files.optimizer)
+    except (ValueError, KeyError) as exc:
+        raise UsageError(f"{path / 'optimizer.pt'}: does not fit this run's optimizer ({exc}).") from None
+    set_rng_state(files.rng)
+    defaults = {f.name: f.default for f in fields(LoopState)}
+    # Strict JSON stores an infinite best loss (nothing validated yet) as null.
+    loop = {
+        k: defaults[k] if v is None and isinstance(defaults[k], float) else v
+        for k, v in record["loop"].items()
+        if k in defaults
+    }
+    state = LoopState(**loop)
+    state.best_trainable = files.best
     return state, record

@@ -8,6 +8,9 @@
     LORAFIT_FAULT=nan_at_steps:A-B    the loss of steps A..B is NaN the first time each is run
                                       (a rollback that replays them then succeeds)
     LORAFIT_FAULT=nan_from_step:N     the loss of every step from N on is NaN (persistent failure)
+    LORAFIT_FAULT=int_at:STAGE        SIGINT when the run reaches STAGE: 'base' (measuring the base
+    LORAFIT_FAULT=term_at:STAGE       model, before any step) or 'finish' (after the last step,
+                                      before saving); term_at sends SIGTERM
 
 Unset (the normal case) each hook costs one dictionary lookup.
 """
@@ -39,6 +42,14 @@ def after_step(step: int) -> None:
     kind, value = _fault()
     signals = {"kill_after_step": signal.SIGKILL, "term_after_step": signal.SIGTERM, "int_after_step": signal.SIGINT}
     if kind in signals and value.isdigit() and step == int(value):
+        os.kill(os.getpid(), signals[kind])
+
+
+def at_stage(stage: str) -> None:
+    """Signal this process at a named stage of a run, outside the training steps."""
+    kind, value = _fault()
+    signals = {"int_at": signal.SIGINT, "term_at": signal.SIGTERM}
+    if kind in signals and value == stage:
         os.kill(os.getpid(), signals[kind])
 
 

@@ -1,15 +1,15 @@
-"""The run folder: created or refused, trimmed on resume, and the fingerprints of a run's inputs."""
+"""The run folder: checked and claimed (or refused), trimmed on resume, and the fingerprints of a run's inputs."""
 
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 from lorafit.config import RunConfig
 from lorafit.data.pack import PackedBlocks
 from lorafit.errors import UsageError
 from lorafit.io import write_text_atomic
+from lorafit.outputs import check_output_folder, mark_output_folder, recognise, remove_own_entries
 
 RUN_FILES = (
     "metrics.jsonl",
@@ -23,30 +23,78 @@ RUN_FILES = (
 RUN_FOLDERS = ("checkpoints", "adapter", "adapter-init", "model")
 
 
-def prepare_out_dir(out_dir: Path, overwrite: bool, resuming: bool) -> None:
+def _newest_checkpoint(out_dir: Path) -> Path | None:
+    from lorafit.train.checkpoint import list_checkpoints
+
+    found = list_checkpoints(out_dir / "checkpoints")
+    return found[-1] if found else None
+
+
+def _finished(out_dir: Path) -> bool:
+    return (out_dir / "summary.json").is_file()
+
+
+def check_run_folder(out_dir: Path, overwrite: bool, resuming: bool) -> None:
+    """Refuse, before any work, a run folder this run may not use: a file, a folder of someone
+    else's files or of another lorafit output, a finished or checkpointed run without --overwrite
+    (or --resume), and --resume where there is no run. A run that stopped before its first
+    checkpoint is restartable as it is: nothing in it is worth keeping."""
     if resuming:
         if not (out_dir / "config.yaml").is_file():
             raise UsageError(f"--resume: {out_dir} holds no run to resume; check --out.")
         return
-    if (out_dir / "config.yaml").exists() and not overwrite:
-        raise UsageError(
-            f"{out_dir} already holds a run (config.yaml); choose another --out, continue it with --resume, "
-            "or replace it with --overwrite."
-        )
-    out_dir.mkdir(parents=True, exist_ok=True)
+    if out_dir.is_dir() and recognise(out_dir) == "run" and not overwrite:
+        if _finished(out_dir):
+            raise UsageError(
+                f"--out {out_dir} already holds a finished run (summary.json); choose another --out, or replace "
+                "it with --overwrite."
+            )
+        newest = _newest_checkpoint(out_dir)
+        if newest is not None:
+            raise UsageError(
+                f"--out {out_dir} holds an interrupted run (newest checkpoint {newest.name}); continue it with "
+                "--resume, or start over with --overwrite."
+            )
+        return  # stopped before its first checkpoint: restartable
+    check_output_folder(out_dir, "run", overwrite=True)
+
+
+def claim_run_folder(out_dir: Path, resuming: bool, console) -> bool:
+    """Set the folder up for this run (called holding its lock); returns whether to resume. A
+    --resume without any checkpoint starts over, saying so; a new run clears what an earlier run
+    wrote (lorafit's own files only: anything else in the folder is left as it is)."""
+    if resuming and _newest_checkpoint(out_dir) is None and not _finished(out_dir):
+        console.print(f"[yellow]{out_dir} has no checkpoint yet: starting the run from the beginning[/]")
+        resuming = False
+    if resuming:
+        return True
+    if (out_dir / "config.yaml").is_file() and not _finished(out_dir) and _newest_checkpoint(out_dir) is None:
+        console.print(f"[yellow]{out_dir}: the earlier attempt stopped before its first checkpoint; starting over[/]")
+    mark_output_folder(out_dir, "run")
     # An old run's outputs are not ours: a different method or init would leave stale ones beside ours.
-    for name in RUN_FILES:
-        (out_dir / name).unlink(missing_ok=True)
-    for name in RUN_FOLDERS:
-        shutil.rmtree(out_dir / name, ignore_errors=True)
+    remove_own_entries(out_dir, "run", ("config.yaml", *RUN_FILES, *RUN_FOLDERS))
+    return False
 
 
-def keep_metrics_up_to(path: Path, step: int) -> None:
-    """On resume, drop the lines an interrupted run wrote after its last checkpoint."""
+def metrics_line_count(path: Path) -> int:
+    return len(path.read_text(encoding="utf-8").splitlines()) if path.is_file() else 0
+
+
+def keep_metrics_up_to(path: Path, step: int, lines: int | None = None) -> None:
+    """On resume, drop the lines an interrupted run wrote after its last checkpoint: the first
+    `lines` when the checkpoint counted them, else those up to `step`. A line cut by a crash is
+    dropped too."""
     if not path.is_file():
         return
-    lines = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
-    write_text_atomic(path, "".join(line + "\n" for line in lines))
+    kept = []
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines()):
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if (number < lines) if lines is not None else (record.get("step", 0) <= step):
+            kept.append(line)
+    write_text_atomic(path, "".join(line + "\n" for line in kept))
 
 
 def input_fingerprints(

@@ -209,7 +209,6 @@ def output_folder(
     entries: intermediate files it can make again), is removed again."""
     path = Path(path)
     created = not path.exists()
-    marked = created or not (path / MARKER).is_file()
     mark_output_folder(path, kind)
     try:
         with folder_lock(path, command, option):
@@ -219,7 +218,7 @@ def output_folder(
         if not leftovers and path.is_dir():
             if created:
                 shutil.rmtree(path, ignore_errors=True)
-            elif marked:
+            else:  # it held nothing but lorafit's bookkeeping: leave it as empty as it was
                 for name in (MARKER, LOCK):
                     (path / name).unlink(missing_ok=True)
         raise

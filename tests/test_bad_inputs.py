@@ -63,6 +63,9 @@ def damaged(root: Path) -> None:
     shutil.copytree(root / "adapter", short)
     with open(short / "adapter_model.safetensors", "r+b") as handle:
         handle.truncate(handle.seek(0, 2) // 2)
+    summary = root / "cut-summary"
+    shutil.copytree(root / "run", summary)
+    (summary / "summary.json").write_text((summary / "summary.json").read_text()[:40])
     (root / "garbage.gguf").write_bytes(os.urandom(2000))
     (root / "short.gguf").write_bytes(b"GGUF\x03\x00\x00\x00\x02\x00")
     mismatch = root / "mismatch"
@@ -132,6 +135,8 @@ REFUSED = [
     (["eval", "--adapter", "cut-config", "--out", "new"], 2, ["cut-config/adapter_config.json", "invalid JSON"]),
     (["eval", "--adapter", "cut-weights", "--out", "new"], 2, ["adapter_model.safetensors", "truncated"]),
     (["merge", "cut-weights", "--out", "new"], 2, ["adapter_model.safetensors", "truncated"]),
+    (["eval", "--adapter", "cut-summary", "--out", "new"], 2, ["cut-summary/summary.json", "invalid JSON"]),
+    (["train", "docs", "--out", "new"], 2, ["docs is a folder", "YAML"]),
     (["export", "cut-config", "--out", "new.gguf", "--no-verify"], 2, ["adapter_config.json", "line"]),
     (
         ["combine", "--adapter", "cut-weights", "--adapter", "b=adapter", "--weights", "1,1", "--out", "n"],
@@ -216,6 +221,16 @@ def test_overwrite_replaces_only_what_lorafit_wrote(work):
     assert invoke("merge", "run", "--out", "merged", "--overwrite").exit_code == 0
     assert (work / "merged" / "README.txt").read_text() == "mine\n"
     assert json.loads((work / "merged" / "config.json").read_text())["dtype"] == "bfloat16"
+    # A run folder and prepared data alike.
+    (work / "run" / "my-notes.md").write_text("keep me\n")
+    assert invoke("train", "run.yaml", "--out", "run", "--overwrite", "--set", "eval.report=false").exit_code == 0
+    assert (work / "run" / "my-notes.md").read_text() == "keep me\n"
+    assert not (work / "run" / "checkpoints").exists()  # the old run's, replaced by this one's (none)
+    assert invoke("prepare", "docs", "--out", "prep", "--min-chars", "10").exit_code == 0
+    (work / "prep" / "my-notes.md").write_text("keep me\n")
+    assert invoke("prepare", "docs", "--out", "prep", "--min-chars", "10").exit_code == 2
+    assert invoke("prepare", "docs", "--out", "prep", "--min-chars", "10", "--overwrite").exit_code == 0
+    assert (work / "prep" / "my-notes.md").read_text() == "keep me\n"
 
 
 def test_every_data_format_trains_with_the_default_general_text(work):

@@ -413,6 +413,8 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
 
 
 def read_yaml(path: Path) -> dict[str, Any]:
+    if path.is_dir():
+        raise ConfigError(f"{path} is a folder; give the run's YAML config file (see configs/ for examples).")
     if not path.is_file():
         raise ConfigError(f"Config file {path} does not exist; see configs/ for examples.")
     try:

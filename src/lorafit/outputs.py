@@ -159,6 +159,15 @@ def _listing(names: list[str], shown: int = 4) -> str:
     return ", ".join(names[:shown]) + more
 
 
+def _check_parents(path: Path, option: str) -> None:
+    """The nearest existing ancestor of `path` must be a folder (`afile/sub` cannot be made)."""
+    for parent in path.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise UsageError(f"{option} {path}: {parent} is a file, not a folder; choose another path.")
+            return
+
+
 def check_output_folder(path: Path, kind: str, overwrite: bool, option: str = "--out") -> None:
     """Refuse, before any work, an output folder this command may not write (see the module's
     rule). Returns normally for a new path, an empty folder, or a previous output of the same
@@ -167,11 +176,7 @@ def check_output_folder(path: Path, kind: str, overwrite: bool, option: str = "-
     label = KINDS[kind].label
     if path.exists() and not path.is_dir():
         raise UsageError(f"{option} {path} is a file, not a folder; give a new folder path for {label}.")
-    for parent in path.parents:
-        if parent.exists():
-            if not parent.is_dir():
-                raise UsageError(f"{option} {path}: {parent} is a file, not a folder; choose another path.")
-            break
+    _check_parents(path, option)
     if not path.is_dir() or all(_lorafit_bookkeeping(entry.name) for entry in path.iterdir()):
         return  # new, empty, or holding only what an earlier attempt of lorafit's set up
     found = recognise(path)
@@ -241,11 +246,7 @@ def check_output_file(path: Path, overwrite: bool, written_by_lorafit: Callable[
     path = Path(path)
     if path.is_dir():
         raise UsageError(f"{option} {path} is a folder; give a file path.")
-    for parent in path.parents:
-        if parent.exists():
-            if not parent.is_dir():
-                raise UsageError(f"{option} {path}: {parent} is a file, not a folder; choose another path.")
-            break
+    _check_parents(path, option)
     if not path.exists():
         return
     if not written_by_lorafit(path):

@@ -3,7 +3,6 @@ records (lorafit.json, summary.json, metrics.jsonl) when they are there."""
 
 from __future__ import annotations
 
-import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,7 +25,7 @@ class TrainedModel:
     def summary(self) -> dict:
         """The run's summary.json ({} when unknown)."""
         file = self.run_dir / "summary.json" if self.run_dir else None
-        return json.loads(file.read_text()) if file and file.is_file() else {}
+        return read_json_file(file) if file and file.is_file() else {}
 
     @property
     def chat_template(self):
@@ -95,6 +94,8 @@ def locate_trained(spec: str) -> TrainedModel:
         check_adapter_files(path)
     else:
         read_json_file(path / "config.json")
+    if run_dir is not None and (run_dir / "summary.json").is_file():
+        read_json_file(run_dir / "summary.json")  # read for the report's costs: a damaged one is named now
     return TrainedModel(name=name, kind=kind, path=path, run_dir=run_dir, metadata=_read_json(path / "lorafit.json"))
 
 

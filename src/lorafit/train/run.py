@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from rich.console import Console
+from rich.markup import escape
 
 from lorafit.adapters.save import folder_bytes, save_adapter, save_full_model, save_initial_adapter
 from lorafit.config import RunConfig, config_to_yaml
@@ -117,7 +118,7 @@ def run_training(
     check_run_folder(out_dir, overwrite, resuming=resume is not None)
     # data/ (documents prepared on the fly) is made again by a retry: a run refused on its inputs leaves nothing.
     with output_folder(out_dir, "run", "lorafit train", disposable=("data",)), StopRequests(deferred=False) as stops:
-        if not claim_run_folder(out_dir, resume is not None, console):
+        if not claim_run_folder(out_dir, resume, console):
             resume = None
         try:
             return _train(config, out_dir, console, resume, ignore_changes, stops)
@@ -245,7 +246,9 @@ def _train(
     fingerprints = input_fingerprints(config, train_blocks, valid_blocks, weights_fingerprint(ref))
     state, position, resumed_from = None, None, None
     if resume is not None:
-        checkpoint, checkpoint_files = find_checkpoint(out_dir, resume, warn=lambda m: console.print(f"[yellow]{m}[/]"))
+        checkpoint, checkpoint_files = find_checkpoint(
+            out_dir, resume, warn=lambda m: console.print(f"[yellow]{escape(m)}[/]")
+        )
         changes = changed_fingerprints(checkpoint_files.record.get("fingerprints", {}), fingerprints)
         if changes and not ignore_changes:
             raise UsageError(
@@ -346,7 +349,7 @@ def _train(
                         "train.precision: fp32."
                     ) from None
                 rollbacks += 1
-                good, files = newest_readable(found, warn=lambda m: console.print(f"[yellow]{m}[/]"))
+                good, files = newest_readable(found, warn=lambda m: console.print(f"[yellow]{escape(m)}[/]"))
                 state, record = load_checkpoint(good, accelerator.unwrap_model(objective), optimizer, files)
                 position = record["position"]
                 state.lr_scale *= train_cfg.rollback_lr_factor

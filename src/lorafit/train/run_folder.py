@@ -59,11 +59,12 @@ def check_run_folder(out_dir: Path, overwrite: bool, resuming: bool) -> None:
     check_output_folder(out_dir, "run", overwrite=True)
 
 
-def claim_run_folder(out_dir: Path, resuming: bool, console) -> bool:
-    """Set the folder up for this run (called holding its lock); returns whether to resume. A
+def claim_run_folder(out_dir: Path, resume: str | None, console) -> bool:
+    """Set the folder up for this run (called holding its lock); returns whether to resume. A bare
     --resume without any checkpoint starts over, saying so; a new run clears what an earlier run
     wrote (lorafit's own files only: anything else in the folder is left as it is)."""
-    if resuming and _newest_checkpoint(out_dir) is None and not _finished(out_dir):
+    resuming = resume is not None
+    if resume == "latest" and _newest_checkpoint(out_dir) is None and not _finished(out_dir):
         console.print(f"[yellow]{out_dir} has no checkpoint yet: starting the run from the beginning[/]")
         resuming = False
     if resuming:

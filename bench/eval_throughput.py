@@ -38,15 +38,15 @@ def main() -> None:
     import transformers
     from transformers import AutoModelForCausalLM
 
+    from lorafit.compute.objective import CausalLMObjective
+    from lorafit.compute.perplexity import LossResult, evaluate_loss
+    from lorafit.compute.precision import autocast_context, resolve_precision
     from lorafit.data.pack import PackedBlocks, pack_documents
     from lorafit.data.prepare import load_prepared_jsonl
     from lorafit.data.tokenize import tokenize_texts
-    from lorafit.evaluate.perplexity import LossResult, evaluate_loss
     from lorafit.model.attention import use_block_causal_attention
     from lorafit.model.embedded import embedded_model_folder
     from lorafit.model.load import load_tokenizer, resolve_base
-    from lorafit.train.objective import CausalLMObjective
-    from lorafit.train.precision import autocast_context, resolve_precision
 
     tokenizer = load_tokenizer(resolve_base(""))
     documents, _ = load_prepared_jsonl([args.data])

@@ -39,11 +39,11 @@ def blocks_in_lorafit_order(data: Path, steps: int):
     """The packed blocks each optimizer step sees, in lorafit's (seeded) order."""
     import torch
 
+    from lorafit.compute.batches import BlockStream
     from lorafit.data.pack import pack_documents
     from lorafit.data.prepare import load_prepared_jsonl
     from lorafit.data.tokenize import tokenize_cached
     from lorafit.model.load import load_tokenizer, resolve_base
-    from lorafit.train.batches import BlockStream
 
     tokenizer = load_tokenizer(resolve_base(""))
     documents, _ = load_prepared_jsonl([data])

@@ -233,10 +233,10 @@ def test_packed_block_loss_and_gradients_equal_its_examples_run_one_by_one(tiny_
     """Pitfall 2: attention never crosses an example boundary and positions restart per example."""
     from transformers import AutoModelForCausalLM
 
+    from lorafit.compute.objective import CausalLMObjective
     from lorafit.config import LoraSection
     from lorafit.model.attention import use_block_causal_attention
     from lorafit.model.lora import apply_lora
-    from lorafit.train.objective import CausalLMObjective
 
     dtype = torch.float32 if precision == "fp32" else torch.bfloat16
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=dtype, attn_implementation="sdpa")

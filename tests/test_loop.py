@@ -2,8 +2,8 @@ import math
 
 import torch
 
-from lorafit.evaluate.perplexity import LossResult
-from lorafit.train.batches import BlockStream
+from lorafit.compute.batches import BlockStream
+from lorafit.compute.perplexity import LossResult
 from lorafit.train.loop import LoopState, record_validation
 
 

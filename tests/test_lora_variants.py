@@ -26,10 +26,10 @@ def valid_loss_of_saved(run_dir, tiny_model_dir, folder="adapter") -> float:
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from lorafit.compute.objective import CausalLMObjective
+    from lorafit.compute.perplexity import evaluate_loss
     from lorafit.data.pack import pack_documents
     from lorafit.data.tokenize import tokenize_texts
-    from lorafit.evaluate.perplexity import evaluate_loss
-    from lorafit.train.objective import CausalLMObjective
 
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
     if folder == "adapter":

@@ -3,10 +3,10 @@
 import pytest
 import torch
 
+from lorafit.compute.loss import IGNORE_INDEX, fused_lm_loss_sum, reference_lm_loss_sum, target_count
+from lorafit.compute.objective import CausalLMObjective
 from lorafit.config import LoraSection
 from lorafit.model.lora import apply_lora
-from lorafit.train.loss import IGNORE_INDEX, fused_lm_loss_sum, reference_lm_loss_sum, target_count
-from lorafit.train.objective import CausalLMObjective
 
 
 @pytest.mark.parametrize("chunk", [3, 7, 1000])

@@ -10,7 +10,7 @@ import pytest
 from conftest import write_jsonl
 from test_cli import invoke, make_corpus, write_config
 
-from lorafit.evaluate.perplexity import LossResult
+from lorafit.compute.perplexity import LossResult
 from lorafit.evaluate.report import ModelEvaluation, build_report, read_curves, render_html, render_markdown
 
 TASKS = [

@@ -21,13 +21,13 @@ import torch
 from lorafit import __version__
 from lorafit.adapters.load import TrainedModel, attach_adapter, locate_trained, resolve_trained_base
 from lorafit.adapters.save import write_folder_atomically
+from lorafit.compute.generate import generation_mode, greedy_generate
+from lorafit.compute.precision import autocast_context, resolve_precision
 from lorafit.data.chat_template import ChatTemplate, render_prompt, resolve_chat_template
 from lorafit.errors import UsageError
-from lorafit.evaluate.generate import generation_mode, greedy_generate
 from lorafit.io import write_json_atomic
 from lorafit.model.load import load_causal_lm, load_tokenizer
 from lorafit.outputs import check_output_folder
-from lorafit.train.precision import autocast_context, resolve_precision
 
 BASE = "base"
 COMBINATIONS = ("cat", "linear", "svd")

@@ -12,11 +12,11 @@ from contextlib import nullcontext
 
 import torch
 
+from lorafit.compute.generate import default_prompt, generation_mode, greedy_generate
 from lorafit.config import EvalSection, RunConfig
 from lorafit.data.chat_template import ChatTemplate, render_prompt
 from lorafit.data.datasets import RunDocuments
 from lorafit.data.formats import Conversation
-from lorafit.evaluate.generate import default_prompt, generation_mode, greedy_generate
 from lorafit.evaluate.tasks import score_model
 
 

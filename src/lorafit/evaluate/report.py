@@ -15,9 +15,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from lorafit import __version__
+from lorafit.compute.perplexity import LossResult
 from lorafit.data.datasets import GENERAL_SAMPLE
 from lorafit.data.pack import IGNORE_INDEX, PackedBlocks
-from lorafit.evaluate.perplexity import LossResult
 from lorafit.io import write_json_atomic, write_text_atomic
 
 REPORT_VERSION = 1

@@ -23,6 +23,10 @@ from lorafit.adapters.load import (
     resolve_trained_base,
 )
 from lorafit.adapters.save import folder_bytes
+from lorafit.compute.generate import default_prompt
+from lorafit.compute.objective import CausalLMObjective
+from lorafit.compute.perplexity import evaluate_loss
+from lorafit.compute.precision import autocast_context, resolve_precision
 from lorafit.config import DataSection, EvalSection, RunConfig
 from lorafit.data.chat_template import render_prompt, resolve_chat_template
 from lorafit.data.datasets import GENERAL_SAMPLE, load_eval_blocks, load_run_documents, pack_run_documents
@@ -30,8 +34,6 @@ from lorafit.data.documents import Problems, print_problems
 from lorafit.data.pack import PackedBlocks
 from lorafit.errors import DataError, UsageError
 from lorafit.evaluate.compare import model_outputs
-from lorafit.evaluate.generate import default_prompt
-from lorafit.evaluate.perplexity import evaluate_loss
 from lorafit.evaluate.report import (
     ModelEvaluation,
     blocks_info,
@@ -46,8 +48,6 @@ from lorafit.io import write_json_atomic
 from lorafit.model.attention import use_block_causal_attention
 from lorafit.model.load import check_seq_len, load_causal_lm, load_model_config, load_tokenizer, resolve_base
 from lorafit.outputs import check_output_folder, output_folder
-from lorafit.train.objective import CausalLMObjective
-from lorafit.train.precision import autocast_context, resolve_precision
 
 GENERATION_PROMPTS = 3  # sampled from the task records when no prompts are given
 

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 
+from lorafit.compute.generate import greedy_generate
 from lorafit.config import DataSection
 from lorafit.data.chat_template import ChatTemplate, render_prompt
 from lorafit.data.datasets import file_format
@@ -20,7 +21,6 @@ from lorafit.data.documents import Problems
 from lorafit.data.formats import Conversation, field_names, read_conversations
 from lorafit.data.readers import find_files
 from lorafit.errors import DataError
-from lorafit.evaluate.generate import greedy_generate
 from lorafit.evaluate.metrics import answer_metrics
 
 

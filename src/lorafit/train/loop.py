@@ -17,12 +17,12 @@ from dataclasses import dataclass, field, replace
 
 import torch
 
+from lorafit.compute.batches import BlockStream, BlockTensors
+from lorafit.compute.loss import target_count
+from lorafit.compute.perplexity import LossResult
 from lorafit.config import TrainSection
 from lorafit.errors import LorafitError
-from lorafit.evaluate.perplexity import LossResult
 from lorafit.train import faults
-from lorafit.train.batches import BlockStream, BlockTensors
-from lorafit.train.loss import target_count
 from lorafit.train.progress import training_task
 from lorafit.train.schedule import learning_rate, warmup_steps_for
 

@@ -6,9 +6,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from lorafit.compute.perplexity import LossResult
 from lorafit.config import RunConfig
 from lorafit.data.pack import PackedBlocks
-from lorafit.evaluate.perplexity import LossResult
 from lorafit.evaluate.report import (
     ModelEvaluation,
     blocks_info,

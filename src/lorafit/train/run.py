@@ -16,13 +16,16 @@ from rich.console import Console
 from rich.markup import escape
 
 from lorafit.adapters.save import folder_bytes, save_adapter, save_full_model, save_initial_adapter
+from lorafit.compute.batches import BlockTensors
+from lorafit.compute.objective import CausalLMObjective
+from lorafit.compute.perplexity import LossResult, evaluate_loss
+from lorafit.compute.precision import autocast_context, resolve_precision
 from lorafit.config import RunConfig, config_to_yaml
 from lorafit.data.chat_template import resolve_chat_template
 from lorafit.data.datasets import load_eval_blocks, load_run_documents, pack_run_documents
 from lorafit.data.documents import Problems, print_problems
 from lorafit.errors import DataError, LorafitError, TrainingInterruptedError, UsageError
 from lorafit.evaluate.compare import generation_prompts, generation_rows, model_outputs, task_report
-from lorafit.evaluate.perplexity import LossResult, evaluate_loss
 from lorafit.evaluate.tasks import load_task_records
 from lorafit.integrity import read_json_file
 from lorafit.io import append_jsonl, write_json_atomic, write_text_atomic
@@ -39,7 +42,6 @@ from lorafit.model.prepare import prepare_trainable_model
 from lorafit.model.quantize import check_quantization
 from lorafit.outputs import output_folder
 from lorafit.train import faults
-from lorafit.train.batches import BlockTensors
 from lorafit.train.checkpoint import (
     changed_fingerprints,
     find_checkpoint,
@@ -50,8 +52,6 @@ from lorafit.train.checkpoint import (
 )
 from lorafit.train.guards import StopRequests
 from lorafit.train.loop import LoopState, UnstableTrainingError, record_validation, restore_trainable, train_loop
-from lorafit.train.objective import CausalLMObjective
-from lorafit.train.precision import autocast_context, resolve_precision
 from lorafit.train.progress import training_progress
 from lorafit.train.report import write_run_report
 from lorafit.train.run_folder import (

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from lorafit.train.loss import fused_lm_loss_sum, reference_lm_loss_sum
+from lorafit.compute.loss import fused_lm_loss_sum, reference_lm_loss_sum
 
 
 def causal_lm_of(model: torch.nn.Module) -> torch.nn.Module:

@@ -7,9 +7,9 @@ from dataclasses import dataclass
 
 import torch
 
+from lorafit.compute.batches import BlockTensors
+from lorafit.compute.loss import target_count
 from lorafit.data.pack import PackedBlocks
-from lorafit.train.batches import BlockTensors
-from lorafit.train.loss import target_count
 
 
 @dataclass

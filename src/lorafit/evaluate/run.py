@@ -282,6 +282,8 @@ def _evaluate(request: EvalRequest, out: Path, console: Console) -> EvalResult:
         answers = task_answers(records, [m.name for m in models], ordered)
         answers["skipped"] = [{"where": p.where, "message": p.message} for p in problems.items]
         write_json_atomic(paths["tasks.json"], answers)
+    else:
+        (out / "tasks.json").unlink(missing_ok=True)  # an earlier report's (this folder is lorafit's report)
     return EvalResult(report=report, paths=paths)
 
 

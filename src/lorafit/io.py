@@ -24,6 +24,11 @@ def staging_prefix(name: str) -> str:
     return f"{STAGING_PREFIX}{os.getpid()}-{name}-"
 
 
+def partial_path(path: Path) -> Path:
+    """The temporary name a file is written under, beside `path`, before it is renamed to it."""
+    return path.with_name(f"{staging_prefix(path.name)}partial")
+
+
 def strict_json_value(value: Any) -> Any:
     """`value` with every non-finite float replaced by None (JSON has no NaN or Infinity)."""
     if isinstance(value, float):

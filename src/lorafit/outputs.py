@@ -38,10 +38,9 @@ LOCK = ".lorafit-lock"
 
 def _json_file(path: Path) -> dict:
     try:
-        value = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
+        return _json_text(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):  # a missing or non-UTF-8 file tells nothing
         return {}
-    return value if isinstance(value, dict) else {}
 
 
 @dataclass(frozen=True)

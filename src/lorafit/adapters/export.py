@@ -26,7 +26,7 @@ from lorafit.adapters.load import locate_trained, resolve_trained_base
 from lorafit.adapters.merge import merge_into_folder, read_adapter
 from lorafit.adapters.modelfile import modelfile_path, modelfile_written_by_lorafit, write_modelfile
 from lorafit.errors import UsageError
-from lorafit.io import staging_prefix
+from lorafit.io import partial_path, staging_prefix
 from lorafit.outputs import check_output_file, sweep_stale
 
 EXPORT_TYPES = (*GGUF_TYPES, "q4_k_m")
@@ -161,7 +161,7 @@ def quantize_with_llama_cpp(source: Path, out_file: Path, kind: str) -> dict:
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype = {"q4_k_m": llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_K_M}[kind]
     # Quantized into a temporary name beside the target, renamed when complete.
-    partial = out_file.with_name(f"{staging_prefix(out_file.name)}partial")
+    partial = partial_path(out_file)
     try:
         with native_output_silenced():  # llama.cpp prints a line per tensor from C
             status = llama_cpp.llama_model_quantize(str(source).encode(), str(partial).encode(), ctypes.byref(params))

@@ -19,7 +19,7 @@ import torch
 
 from lorafit.adapters.merge import TensorFile, _base_tensor_files
 from lorafit.errors import UsageError
-from lorafit.io import staging_prefix
+from lorafit.io import partial_path
 
 GGUF_TYPES = ("f32", "f16", "bf16", "q8_0")
 LORA_ALPHA = 1.0  # written into LoRA files; each module's true scale is folded into its B
@@ -74,7 +74,7 @@ def gguf_writer(out_file: Path):
 
     out_file = Path(out_file)
     out_file.parent.mkdir(parents=True, exist_ok=True)
-    partial = out_file.with_name(f"{staging_prefix(out_file.name)}partial")
+    partial = partial_path(out_file)
     writer = gguf.GGUFWriter(str(partial), "llama")
     writer.add_string(LORAFIT_KEY, __version__)
     try:

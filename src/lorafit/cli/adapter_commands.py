@@ -28,7 +28,7 @@ def merge(
     """Merge a LoRA adapter into its base: a plain transformers model folder (safetensors, config,
     tokenizer and chat template), streamed tensor by tensor."""
     from lorafit.adapters.merge import merge_adapter
-    from lorafit.config import check_options
+    from lorafit.options import check_options
 
     try:
         check_options({"--max-shard-mb": ("options.max_shard_mb", max_shard_mb)})
@@ -138,7 +138,7 @@ def chat(
 ) -> None:
     """Chat with one base model and several adapters, switching between them without reloading."""
     from lorafit.adapters.switch import AdapterSession, parse_named
-    from lorafit.config import check_options
+    from lorafit.options import check_options
 
     try:
         check_options(
@@ -206,7 +206,7 @@ def combine(
 ) -> None:
     """Combine adapters into one, weighted (PEFT's add_weighted_adapter), saved as a new adapter."""
     from lorafit.adapters.switch import COMBINATIONS, AdapterSession, parse_named
-    from lorafit.config import check_options
+    from lorafit.options import check_options
     from lorafit.outputs import check_output_folder
 
     try:

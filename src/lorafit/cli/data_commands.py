@@ -27,10 +27,10 @@ def prepare(
     overwrite: Annotated[bool, typer.Option(help="Replace data an earlier lorafit prepare wrote into --out.")] = False,
 ) -> None:
     """Clean, de-duplicate, decontaminate and split raw documents into train/valid JSONL."""
-    from lorafit.config import check_options
     from lorafit.data.prepare import PrepareOptions, add_token_counts, prepare_documents, write_prepared
     from lorafit.data.tokenize import count_tokens
     from lorafit.model.load import load_tokenizer, resolve_base
+    from lorafit.options import check_options
     from lorafit.outputs import check_output_folder, output_folder
 
     try:

@@ -61,9 +61,9 @@ def evaluate_models(
 ) -> None:
     """Measure the base model and adapters on the same data: domain perplexity, forgetting, task
     metrics, generations and cost, in one report (report.json, report.md, report.html)."""
-    from lorafit.config import check_options
     from lorafit.data.datasets import GENERAL_SAMPLE
     from lorafit.evaluate.run import EvalRequest, run_evaluation
+    from lorafit.options import check_options
 
     try:
         check_options(

@@ -12,7 +12,7 @@ from lorafit.config import DataSection
 from lorafit.data.chat_template import ChatTemplate
 from lorafit.data.clean import exact_key
 from lorafit.data.decontaminate import excluded_ngrams, is_contaminated
-from lorafit.data.documents import Document, Problems
+from lorafit.data.documents import Document, Problems, first_of
 from lorafit.data.examples import build_examples
 from lorafit.data.formats import Conversation, detect_file_format, field_names, read_conversations
 from lorafit.data.pack import PackedBlocks, concatenate_blocks, pack_documents, pack_examples
@@ -155,7 +155,7 @@ def first_problems(problems: Problems, shown: int = 3) -> str:
     """' (N records or files skipped: where: why; ...)' for an error that would otherwise hide why."""
     if not problems.items:
         return ""
-    listed = "; ".join(f"{p.where}: {p.message}" for p in problems.items[:shown])
+    listed = first_of(problems.items, shown)
     more = f"; {len(problems.items) - shown} more" if len(problems.items) > shown else ""
     return f" ({len(problems.items)} records or files skipped: {listed}{more})"
 

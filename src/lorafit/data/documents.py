@@ -30,6 +30,15 @@ class Problems:
     def count(self, reason: str) -> int:
         return sum(1 for item in self.items if item.reason == reason)
 
+    def records(self) -> list[dict[str, str]]:
+        """The problems as JSON records (`where`, `reason`, `message`), for summaries and reports."""
+        return [{"where": p.where, "reason": p.reason, "message": p.message} for p in self.items]
+
+
+def first_of(problems: list[Problem], shown: int = 3) -> str:
+    """'where: why; where: why' for the first `shown` problems (an error's evidence)."""
+    return "; ".join(f"{p.where}: {p.message}" for p in problems[:shown])
+
 
 def print_problems(console, problems: list[Problem], listed_in: str, shown: int = 20) -> None:
     """The first `shown` problems, one line each, and how many more `listed_in` holds."""

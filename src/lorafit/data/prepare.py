@@ -10,7 +10,7 @@ from pathlib import Path
 from lorafit.data.clean import normalize_text
 from lorafit.data.decontaminate import drop_contaminated, excluded_ngrams
 from lorafit.data.dedup import drop_exact_duplicates, drop_near_duplicates
-from lorafit.data.documents import Document, Problems
+from lorafit.data.documents import Document, Problems, first_of
 from lorafit.data.readers import read_documents
 from lorafit.data.split import split_documents
 from lorafit.errors import DataError
@@ -71,10 +71,10 @@ def nothing_left_error(
     fix, naming the setting as the user's command spells it."""
     lines = [f"No documents left from {', '.join(inputs)}:"]
     if removed["unreadable"]:
-        shown = [f"{p.where}: {p.message}" for p in problems.items if p.reason == "unreadable"][:SHOWN_EXAMPLES]
+        unreadable = [p for p in problems.items if p.reason == "unreadable"]
         lines.append(
-            f"- {removed['unreadable']} unreadable ({'; '.join(shown)}); fix or convert them (text must be UTF-8, "
-            f"PDFs need a text layer, JSONL records need a '{options.text_field}' field: "
+            f"- {removed['unreadable']} unreadable ({first_of(unreadable, SHOWN_EXAMPLES)}); fix or convert them "
+            f"(text must be UTF-8, PDFs need a text layer, JSONL records need a '{options.text_field}' field: "
             f"{options.setting('data.text_field')})."
         )
     if removed["empty"]:
@@ -144,7 +144,7 @@ def write_prepared(prepared: Prepared, out_dir: Path) -> dict[str, Path]:
     write_jsonl_atomic(paths["train"], ({"text": d.text, "source": d.source} for d in prepared.train))
     write_jsonl_atomic(paths["valid"], ({"text": d.text, "source": d.source} for d in prepared.valid))
     stats = dict(prepared.stats)
-    stats["problems"] = [{"where": p.where, "reason": p.reason, "message": p.message} for p in prepared.problems.items]
+    stats["problems"] = prepared.problems.records()
     write_json_atomic(paths["stats"], stats)
     return paths
 

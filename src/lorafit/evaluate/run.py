@@ -275,7 +275,7 @@ def _evaluate(request: EvalRequest, out: Path, console: Console) -> EvalResult:
     )
     report["settings"] = {"precision": precision, "device": str(device), "batch_size": request.batch_size}
     # Every record or file left out, with where and why (the terminal shows the first of them).
-    report["data"]["skipped"] = [{"where": p.where, "reason": p.reason, "message": p.message} for p in problems.items]
+    report["data"]["skipped"] = problems.records()
     paths = write_report(out, report)
     if records:
         paths["tasks.json"] = out / "tasks.json"

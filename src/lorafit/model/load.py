@@ -150,10 +150,10 @@ def load_causal_lm(ref: BaseModelRef, dtype: torch.dtype = torch.float32, quanti
         if ref.path == ref.spec and not Path(ref.spec).exists():
             raise _hub_failure(ref, exc) from None
         raise ModelError(f"{ref.path}: cannot load the model ({exc}).") from None
-    except (RuntimeError, ValueError) as exc:  # shapes in config.json that the weights do not have
+    except (RuntimeError, ValueError) as exc:  # weights transformers cannot place under this config.json
         lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
         raise ModelError(
-            f"{ref.path}: config.json does not match the weights ({lines[-1] if lines else type(exc).__name__}); "
+            f"{ref.path}: cannot load the weights with its config.json ({lines[-1] if lines else type(exc).__name__}); "
             "use the config.json that came with these weights."
         ) from None
     check_loading_info(ref.path, model, info)

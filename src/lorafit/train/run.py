@@ -55,6 +55,7 @@ from lorafit.train.loop import LoopState, UnstableTrainingError, record_validati
 from lorafit.train.progress import training_progress
 from lorafit.train.report import write_run_report
 from lorafit.train.run_folder import (
+    REPREPARED,
     check_run_folder,
     claim_run_folder,
     input_fingerprints,
@@ -116,8 +117,8 @@ def run_training(
     console = console or Console()
     out_dir = Path(out_dir or config.out)
     check_run_folder(out_dir, overwrite, resuming=resume is not None)
-    # data/ (documents prepared on the fly) is made again by a retry: a run refused on its inputs leaves nothing.
-    with output_folder(out_dir, "run", "lorafit train", disposable=("data",)), StopRequests(deferred=False) as stops:
+    # A run refused on its inputs leaves nothing (the documents it prepared are made again by a retry).
+    with output_folder(out_dir, "run", "lorafit train", disposable=REPREPARED), StopRequests(deferred=False) as stops:
         if not claim_run_folder(out_dir, resume, console):
             resume = None
         try:
@@ -406,9 +407,7 @@ def _train(
             "method": trainable.method,
             "trainable_parameters": report.as_dict(),
             "data": data_stats,
-            "data_problems": [
-                {"where": p.where, "reason": p.reason, "message": p.message} for p in documents.problems.items
-            ],
+            "data_problems": documents.problems.records(),
         }
         general_after = None
         if general_before is not None:

@@ -9,23 +9,14 @@ from lorafit.config import RunConfig
 from lorafit.data.pack import PackedBlocks
 from lorafit.errors import UsageError
 from lorafit.io import write_text_atomic
-from lorafit.outputs import check_output_folder, mark_output_folder, recognise, remove_own_entries
+from lorafit.outputs import KINDS, check_output_folder, mark_output_folder, recognise, remove_own_entries
+from lorafit.train.checkpoint import list_checkpoints
 
-RUN_FILES = (
-    "metrics.jsonl",
-    "summary.json",
-    "tasks.json",
-    "base_outputs.json",
-    "report.json",
-    "report.md",
-    "report.html",
-)
-RUN_FOLDERS = ("checkpoints", "adapter", "adapter-init", "model")
+# Kept when a run starts over: documents prepared on the fly, which the new run writes again.
+REPREPARED = ("data",)
 
 
 def _newest_checkpoint(out_dir: Path) -> Path | None:
-    from lorafit.train.checkpoint import list_checkpoints
-
     found = list_checkpoints(out_dir / "checkpoints")
     return found[-1] if found else None
 
@@ -73,7 +64,7 @@ def claim_run_folder(out_dir: Path, resume: str | None, console) -> bool:
         console.print(f"[yellow]{out_dir}: the earlier attempt stopped before its first checkpoint; starting over[/]")
     mark_output_folder(out_dir, "run")
     # An old run's outputs are not ours: a different method or init would leave stale ones beside ours.
-    remove_own_entries(out_dir, "run", ("config.yaml", *RUN_FILES, *RUN_FOLDERS))
+    remove_own_entries(out_dir, "run", tuple(e for e in KINDS["run"].entries if e not in REPREPARED))
     return False
 
 

@@ -67,7 +67,9 @@ def test_random_yaml_text_loads_or_is_a_clear_error(tmp_path, text):
     try:
         assert isinstance(load_config(path), RunConfig)
     except LorafitError as exc:
-        assert str(exc)
+        # Our own message, naming the file, on one line of advice (no repr of a Python object).
+        message = str(exc)
+        assert str(path) in message and "Traceback" not in message and "object at 0x" not in message, message
 
 
 @FUZZ

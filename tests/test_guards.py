@@ -1,6 +1,7 @@
 """Drills: non-finite losses are skipped, rolled back or diagnosed; out-of-memory halves the micro-batch."""
 
 import json
+import re
 
 import pytest
 import torch
@@ -58,7 +59,9 @@ def test_persistent_non_finite_loss_stops_with_a_diagnosis(drill):
     assert result.exit_code == 1 and summary is None
     message = " ".join(result.output.split())
     assert "Training is unstable" in message and "up to step" in message
-    assert "doc" in message  # the source documents of the failing batch
+    # The source documents of the failing batch, by file name (the advice text says "documents" too).
+    named = re.search(r"last batch from: (.*?)\); last good", message)
+    assert named and re.fullmatch(r"(\S+/docs/(doc\d+\.txt|page\.html)(, | \.\.\.)?)+", named.group(1)), message
     assert "last good checkpoint" in message and "step-3" in message
     assert "Traceback" not in result.output
     assert (out / "checkpoints" / "step-3" / "state.json").is_file()  # nothing lost

@@ -40,11 +40,11 @@ def main() -> None:
 
     from lorafit.compute.objective import CausalLMObjective
     from lorafit.compute.perplexity import LossResult, evaluate_loss
-    from lorafit.compute.precision import autocast_context, resolve_precision
     from lorafit.data.pack import PackedBlocks, pack_documents
     from lorafit.data.prepare import load_prepared_jsonl
     from lorafit.data.tokenize import tokenize_texts
     from lorafit.model.attention import use_block_causal_attention
+    from lorafit.model.device import autocast_context, compute_dtype, resolve_precision
     from lorafit.model.embedded import embedded_model_folder
     from lorafit.model.load import load_tokenizer, resolve_base
 
@@ -64,7 +64,7 @@ def main() -> None:
 
     # The tutorial loop: batch 1, fp32, the model's own loss (a mean over the block's targets).
     peer_model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
-    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+    dtype = compute_dtype(precision)
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, attn_implementation="sdpa").eval()
     if precision == "bf16":
         use_block_causal_attention(model)

@@ -18,7 +18,6 @@ import argparse
 import json
 import os
 import platform
-import resource
 import subprocess
 import sys
 import tempfile
@@ -29,10 +28,6 @@ REPO = Path(__file__).resolve().parents[1]
 DEFAULT_DATA = REPO.parent / "shared" / "data" / "pydocs" / "text" / "train.jsonl"
 SEQ_LEN, BATCH, LR, WARMUP = 512, 4, 2e-4, 2
 LORA = {"r": 8, "alpha": 32, "dropout": 0.05, "target_modules": ["q_proj", "v_proj"], "use_rslora": False}
-
-
-def peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
 def blocks_in_lorafit_order(data: Path, steps: int):
@@ -117,6 +112,8 @@ def run_peer(data: Path, steps: int) -> dict:
         )
         started = time.perf_counter()
         Trainer(model=model, args=args, train_dataset=Blocks(), callbacks=[timing]).train()
+    from lorafit.model.device import peak_rss_mb
+
     return {"step_ends": [t - started for t in timing.step_ends], "losses": timing.losses, "peak_rss_mb": peak_rss_mb()}
 
 

@@ -230,7 +230,7 @@ def test_packing_places_whole_examples_and_restarts_positions():
 
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
 def test_packed_block_loss_and_gradients_equal_its_examples_run_one_by_one(tiny_model_dir, precision):
-    """Pitfall 2: attention never crosses an example boundary and positions restart per example."""
+    """Attention never crosses an example boundary and positions restart per example."""
     from transformers import AutoModelForCausalLM
 
     from lorafit.compute.objective import CausalLMObjective

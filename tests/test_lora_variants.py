@@ -111,7 +111,7 @@ def test_lora_plus_gives_the_b_matrices_their_own_learning_rate(tiny_model_dir):
     model = apply_lora(tiny(tiny_model_dir), LoraSection(r=4, target_modules=["q_proj"]))
     groups = optimizer_groups(model, plus_ratio=16.0)
     names = {id(p): n for n, p in model.named_parameters()}
-    assert groups[1]["lr_scale"] == 16.0 and all("lora_B" in names[id(p)] for p in groups[1]["params"])
+    assert groups[1]["lr_multiplier"] == 16.0 and all("lora_B" in names[id(p)] for p in groups[1]["params"])
     assert all("lora_A" in names[id(p)] for p in groups[0]["params"])
     assert len(optimizer_groups(model)) == 1
 

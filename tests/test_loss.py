@@ -58,7 +58,7 @@ def test_objective_matches_transformers_loss(tiny_model_dir):
 
 
 def test_accumulated_micro_batches_equal_one_big_batch(tiny_model_dir):
-    """Pitfall 1: normalise by the total target tokens of the accumulated batch, not per micro-batch."""
+    """Normalise by the total target tokens of the accumulated batch, not per micro-batch."""
     objective = _lora_objective(tiny_model_dir)
     params = [p for p in objective.parameters() if p.requires_grad]
     batch = torch.randint(0, 300, (4, 12))

@@ -50,7 +50,8 @@ def test_choice_log_likelihood_equals_scoring_the_full_sequence(tiny_model_dir):
 def test_a_run_without_base_outputs_reports_the_tuned_side_only():
     from lorafit.config import EvalSection
     from lorafit.data.formats import Conversation
-    from lorafit.evaluate.compare import generation_rows, task_report
+    from lorafit.train.records import generation_rows
+    from lorafit.train.records import task_table as task_report
 
     records = [
         Conversation([{"role": "user", "content": "Q?"}, {"role": "assistant", "content": "A."}], "t:1"),

@@ -358,9 +358,14 @@ def parse_override(item: str) -> tuple[list[str], Any]:
     return key.strip().split("."), value
 
 
-def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
-    for item in overrides:
-        keys, value = parse_override(item)
+def apply_overrides(raw: dict[str, Any], overrides: list[str] | dict[str, Any]) -> dict[str, Any]:
+    """Set dotted keys in `raw`: --set's 'KEY=VALUE' strings (YAML values), or a {key: value} dict
+    (the Python API's `overrides`, values as they are)."""
+    if isinstance(overrides, dict):
+        pairs = [(str(key).split("."), value, f"{key}={value!r}") for key, value in overrides.items()]
+    else:
+        pairs = [(*parse_override(item), item) for item in overrides]
+    for keys, value, item in pairs:
         node = raw
         for depth, key in enumerate(keys[:-1]):
             child = node.setdefault(key, {})
@@ -435,7 +440,7 @@ def resolve_data_paths(config: RunConfig, base_dir: Path) -> RunConfig:
     return config.model_copy(update={"data": data, "eval": evaluation})
 
 
-def load_config(path: str | Path, overrides: list[str] | None = None) -> RunConfig:
+def load_config(path: str | Path, overrides: list[str] | dict[str, Any] | None = None) -> RunConfig:
     """Load a YAML config, apply `--set` overrides, validate; errors name the field and the fix."""
     path = Path(path)
     raw = apply_overrides(read_yaml(path), overrides or [])

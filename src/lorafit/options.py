@@ -52,3 +52,11 @@ def check_options(values: dict[str, tuple[str, Any]]) -> None:
             problems.append(f"{option} {value!r}: {message} ({key}).")
     if problems:
         raise ConfigError("\n".join(problems))
+
+
+def default_of(key: str) -> Any:
+    """The default of a config key ('data.min_chars') or command option ('options.max_blocks'):
+    the commands' and the Python API's defaults come from here, so each is written once."""
+    section, name = _option_field(key)
+    field = section.model_fields[name]
+    return field.default_factory() if field.default_factory is not None else field.default

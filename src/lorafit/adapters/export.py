@@ -81,7 +81,7 @@ def export_gguf(
         lora_file = None
         if trained.kind == "full":
             folder = trained.path
-            recorded_base = Path((trained.metadata.get("base_model") or {}).get("path") or "")
+            recorded_base = Path(trained.record.base_model.path or "")
             if pre_tokenizer is None and (recorded_base / "lorafit_source.txt").is_file():
                 pre_tokenizer = pre_tokenizer_name(recorded_base, None)  # a GGUF-born base knows it
         else:

@@ -7,6 +7,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from lorafit.artifacts import AdapterRecord, RunFolder, RunSummary
 from lorafit.errors import UsageError
 from lorafit.integrity import check_safetensors, read_json_file
 
@@ -14,36 +15,32 @@ _NAME = re.compile(r"^[\w.+-]+$")
 
 
 @dataclass
-class TrainedModel:
+class TrainedLocation:
+    """Where a trained adapter or fully fine-tuned model lies, with the records beside it."""
+
     name: str
     kind: str  # "lora" (PEFT adapter folder) or "full" (transformers model folder)
     path: Path
     run_dir: Path | None  # the run folder that made it, when known
-    metadata: dict  # lorafit.json; {} for a PEFT folder made elsewhere
+    record: AdapterRecord  # its lorafit.json; empty for a PEFT folder made elsewhere
 
-    @property
-    def summary(self) -> dict:
-        """The run's summary.json ({} when unknown)."""
-        file = self.run_dir / "summary.json" if self.run_dir else None
-        return read_json_file(file) if file and file.is_file() else {}
+    def run_summary(self) -> RunSummary:
+        """The run's summary.json (every field None when the run is unknown)."""
+        summary = RunFolder(self.run_dir).read_summary() if self.run_dir else None
+        return summary or RunSummary()
 
     @property
     def chat_template(self):
         """The ChatTemplate the adapter was trained with (lorafit.json), or None."""
         from lorafit.data.chat_template import ChatTemplate
 
-        recorded = self.metadata.get("chat_template") or {}
+        recorded = self.record.chat_template or {}
         return ChatTemplate(recorded["text"], recorded.get("origin", "recorded")) if recorded.get("text") else None
 
     @property
     def base_spec(self) -> str | None:
         """The base model the adapter was trained on, as the user named it ('' = embedded default)."""
-        base = self.metadata.get("base_model") or {}
-        return base.get("spec")
-
-
-def _read_json(path: Path) -> dict:
-    return read_json_file(path) if path.is_file() else {}
+        return self.record.base_model.spec
 
 
 def check_adapter_files(path: Path) -> None:
@@ -59,11 +56,7 @@ def check_adapter_files(path: Path) -> None:
         raise UsageError(f"{path}: no adapter_model.safetensors beside adapter_config.json; the adapter is incomplete.")
 
 
-def _is_run(folder: Path) -> bool:
-    return (folder / "config.yaml").is_file() or (folder / "summary.json").is_file()
-
-
-def locate_trained(spec: str) -> TrainedModel:
+def locate_trained(spec: str) -> TrainedLocation:
     """`spec` is PATH or NAME=PATH; PATH a run folder, its adapter/ or model/, or a PEFT adapter folder."""
     name, path_text = "", spec
     left, sep, right = spec.partition("=")
@@ -73,10 +66,9 @@ def locate_trained(spec: str) -> TrainedModel:
     if not path.is_dir():
         raise UsageError(f"--adapter {spec}: no such folder; name a run folder or an adapter folder.")
     run_dir: Path | None = None
-    if (path / "adapter" / "adapter_config.json").is_file():
-        run_dir, path, kind = path, path / "adapter", "lora"
-    elif (path / "model" / "config.json").is_file() and (path / "model" / "lorafit.json").is_file():
-        run_dir, path, kind = path, path / "model", "full"
+    saved = RunFolder(path).trained()
+    if saved is not None:
+        run_dir, path, kind = path, saved, "lora" if saved.name == "adapter" else "full"
     elif (path / "adapter_config.json").is_file():
         kind = "lora"
     elif (path / "config.json").is_file() and (path / "lorafit.json").is_file():
@@ -86,7 +78,7 @@ def locate_trained(spec: str) -> TrainedModel:
             f"--adapter {spec}: {path} is not a run folder, a PEFT adapter folder (adapter_config.json) or a "
             "model folder saved by lorafit; point it at one of those."
         )
-    if run_dir is None and _is_run(path.parent):
+    if run_dir is None and RunFolder(path.parent).is_run():
         run_dir = path.parent
     if not name:
         name = (run_dir or path).resolve().name
@@ -94,25 +86,37 @@ def locate_trained(spec: str) -> TrainedModel:
         check_adapter_files(path)
     else:
         read_json_file(path / "config.json")
-    if run_dir is not None and (run_dir / "summary.json").is_file():
-        read_json_file(run_dir / "summary.json")  # read for the report's costs: a damaged one is named now
-    return TrainedModel(name=name, kind=kind, path=path, run_dir=run_dir, metadata=_read_json(path / "lorafit.json"))
+    if run_dir is not None:
+        RunFolder(run_dir).read_summary()  # read for the report's costs: a damaged one is named now
+    record = AdapterRecord.read(path) or AdapterRecord(lorafit_version=None)
+    return TrainedLocation(name=name, kind=kind, path=path, run_dir=run_dir, record=record)
 
 
-def check_same_base(trained: TrainedModel, base_name: str, base_fingerprint: str) -> None:
+def check_same_base(trained: TrainedLocation, base_name: str, base_fingerprint: str, base_ref=None) -> None:
     """Refuse an adapter trained on other base weights than the ones loaded: it would load (same
     shapes) and quietly compute nonsense."""
-    recorded = trained.metadata.get("base_model") or {}
-    theirs = recorded.get("weights_fingerprint")
-    if theirs and base_fingerprint and theirs != base_fingerprint:
+    recorded = trained.record.base_model
+    theirs = recorded.weights_fingerprint
+    if theirs and base_fingerprint and not same_weights(theirs, base_fingerprint, base_ref):
         raise UsageError(
-            f"{trained.name} ({trained.path}) was trained on {recorded.get('name') or recorded.get('path')} "
+            f"{trained.name} ({trained.path}) was trained on {recorded.describe()} "
             f"(weights {theirs}), but the base model loaded is {base_name} (weights {base_fingerprint}); pass "
             "--base with the model it was trained on, or --allow-base-mismatch to evaluate it anyway."
         )
 
 
-def resolve_trained_base(trained: list[TrainedModel], base: str | None, allow_mismatch: bool = False):
+def same_weights(recorded: str, current: str, base_ref=None) -> bool:
+    """Whether a recorded weights fingerprint names the weights loaded. One an older lorafit
+    recorded (of the weight files' names and sizes, without the content prefix) is compared with
+    the same kind of fingerprint, so its adapters still load on their own base."""
+    from lorafit.model.load import CONTENT_PREFIX, file_listing_fingerprint
+
+    if recorded.startswith(CONTENT_PREFIX) or base_ref is None:
+        return recorded == current
+    return recorded == file_listing_fingerprint(base_ref)
+
+
+def resolve_trained_base(trained: list[TrainedLocation], base: str | None, allow_mismatch: bool = False):
     """(BaseModelRef, weights fingerprint) of the base to load under `trained`: `base` if given,
     else the one the first of them records (the embedded default with none); each is checked
     against it unless `allow_mismatch`."""
@@ -127,7 +131,7 @@ def resolve_trained_base(trained: list[TrainedModel], base: str | None, allow_mi
     fingerprint = weights_fingerprint(ref)
     if not allow_mismatch:
         for item in trained:
-            check_same_base(item, ref.name, fingerprint)
+            check_same_base(item, ref.name, fingerprint, ref)
     return ref, fingerprint
 
 

@@ -13,6 +13,7 @@ base tensor. Anything else PEFT can express is refused by name rather than merge
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import re
@@ -25,6 +26,7 @@ import torch
 
 from lorafit.errors import UsageError
 from lorafit.integrity import check_safetensors, read_json_file
+from lorafit.model.device import peak_rss_mb
 
 DTYPES = {"f32": torch.float32, "bf16": torch.bfloat16, "f16": torch.float16}
 PEFT_PREFIX = "base_model.model."
@@ -57,11 +59,10 @@ class AdapterWeights:
 
 
 def _pattern_value(patterns: dict, module: str):
-    # PEFT's rule: a pattern key matches a module name ending in it (after a dot).
-    for key, value in patterns.items():
-        if re.match(rf"(.*\.)?({key})$", module):
-            return value
-    return None
+    """The rank or alpha `patterns` give `module`, by PEFT's own matching rule (None: the default)."""
+    from peft.utils.other import get_pattern_key
+
+    return patterns.get(get_pattern_key(patterns.keys(), module)) if patterns else None
 
 
 def read_adapter(path: Path) -> AdapterWeights:
@@ -315,12 +316,12 @@ def merge_adapter(
     """Merge the adapter named by `spec` (a run folder or adapter folder) into its base model and
     write a plain transformers folder: sharded safetensors, config, tokenizer with the chat
     template the adapter was trained with, and lorafit.json recording where it came from."""
-    import resource
     import time
 
     from lorafit import __version__
     from lorafit.adapters.load import locate_trained, resolve_trained_base
     from lorafit.adapters.save import write_folder_atomically
+    from lorafit.artifacts import BaseModelRecord
     from lorafit.io import write_json_atomic
     from lorafit.model.load import load_tokenizer
     from lorafit.outputs import check_output_folder
@@ -343,25 +344,19 @@ def merge_adapter(
     def write(folder: Path) -> None:
         summary.update(merge_into_folder(Path(ref.path), adapter, folder, dtype, max_shard_bytes))
         tokenizer.save_pretrained(folder)
-        write_json_atomic(
-            folder / "lorafit.json",
-            {
-                "lorafit_version": __version__,
-                "merged_from": {"adapter": str(trained.path.resolve()), "name": trained.name, "dtype": dtype},
-                "base_model": {
-                    "spec": ref.spec,
-                    "name": ref.name,
-                    "path": ref.path,
-                    "weights_fingerprint": fingerprint,
-                },
-                **{k: v for k, v in trained.metadata.items() if k not in {"base_model", "lorafit_version"}},
-            },
+        # The adapter's record (config, tokenizer, template, data, metrics) travels with the model.
+        record = dataclasses.replace(
+            trained.record,
+            lorafit_version=__version__,
+            merged_from={"adapter": str(trained.path.resolve()), "name": trained.name, "dtype": dtype},
+            base_model=BaseModelRecord(spec=ref.spec, name=ref.name, path=ref.path, weights_fingerprint=fingerprint),
         )
+        write_json_atomic(folder / "lorafit.json", record.to_json())
 
     write_folder_atomically(out_dir, write, kind="model")
     summary.update(
         seconds=time.perf_counter() - started,
-        peak_rss_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0,
+        peak_rss_mb=peak_rss_mb(),
         adapter=str(trained.path),
         base=ref.name,
         dtype=dtype,

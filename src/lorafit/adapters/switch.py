@@ -16,16 +16,14 @@ import shutil
 import tempfile
 from pathlib import Path
 
-import torch
-
-from lorafit import __version__
-from lorafit.adapters.load import TrainedModel, attach_adapter, locate_trained, resolve_trained_base
+from lorafit.adapters.load import TrainedLocation, attach_adapter, locate_trained, resolve_trained_base
 from lorafit.adapters.save import write_folder_atomically
+from lorafit.artifacts import AdapterRecord, BaseModelRecord
 from lorafit.compute.generate import generation_mode, greedy_generate
-from lorafit.compute.precision import autocast_context, resolve_precision
 from lorafit.data.chat_template import ChatTemplate, render_prompt, resolve_chat_template
 from lorafit.errors import UsageError
 from lorafit.io import write_json_atomic
+from lorafit.model.device import autocast_context, compute_dtype, default_device, resolve_precision
 from lorafit.model.load import load_causal_lm, load_tokenizer
 from lorafit.outputs import check_output_folder
 
@@ -52,12 +50,12 @@ class AdapterSession:
         if full:
             raise UsageError(f"{full[0]} is a fully fine-tuned model, not an adapter; open it with --base.")
         self.ref, _ = resolve_trained_base(list(trained.values()), base, allow_base_mismatch)
-        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        self.device = default_device()
         self.precision = resolve_precision(precision, self.device)
-        dtype = torch.bfloat16 if self.precision == "bf16" else torch.float32
+        dtype = compute_dtype(self.precision)
         self.tokenizer = load_tokenizer(self.ref)
         model = load_causal_lm(self.ref, dtype).to(self.device)
-        self.trained: dict[str, TrainedModel] = trained
+        self.trained: dict[str, TrainedLocation] = trained
         self.combined: dict[str, dict] = {}  # adapter made by combine() -> its recipe
         self.templates: dict[str, ChatTemplate] = {BASE: resolve_chat_template(self.tokenizer, "auto")}
         for name, item in trained.items():
@@ -152,15 +150,15 @@ class AdapterSession:
         check_output_folder(Path(out_dir), "adapter", overwrite, option)
         template = self.templates[name]
         first = self.trained.get(name) or self.trained[next(iter(self.combined[name]["weights"]))]
-        metadata = {
-            "lorafit_version": __version__,
-            "base_model": first.metadata.get("base_model")
-            or {"spec": self.ref.spec, "name": self.ref.name, "path": self.ref.path},
-            "chat_template": {"origin": template.origin, "text": template.text},
-        }
+        record = AdapterRecord(
+            base_model=first.record.base_model
+            if first.record.base_model.spec is not None
+            else BaseModelRecord(spec=self.ref.spec, name=self.ref.name, path=self.ref.path),
+            chat_template={"origin": template.origin, "text": template.text},
+        )
         combined = self.combined.get(name)
         if combined:
-            metadata["combined_from"] = {
+            record.combined_from = {
                 "adapters": {a: str(self.trained[a].path) for a in combined["weights"] if a in self.trained},
                 "weights": combined["weights"],
                 "combination_type": combined["type"],
@@ -174,7 +172,7 @@ class AdapterSession:
                 for item in source.iterdir():
                     if item.is_file():
                         shutil.move(str(item), folder / item.name)
-            write_json_atomic(folder / "lorafit.json", metadata)
+            write_json_atomic(folder / "lorafit.json", record.to_json())
 
         return write_folder_atomically(Path(out_dir), write, kind="adapter")
 

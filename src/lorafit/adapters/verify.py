@@ -18,6 +18,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from lorafit.data.tokenize import pad_token_id
+
 DEFAULT_TEXTS = [
     "A list is a mutable sequence. Lists may be constructed with a pair of square brackets, and "
     "list.append(x) adds an item to the end of the list.",
@@ -150,7 +152,7 @@ def verify_gguf(
                 max_new_tokens=24,
                 do_sample=False,
                 eos_token_id=tokenizer.eos_token_id,
-                pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id,
+                pad_token_id=pad_token_id(tokenizer),
             )[0, len(prompt_ids) :].tolist()
         if tokenizer.eos_token_id in generated:
             generated = generated[: generated.index(tokenizer.eos_token_id)]

@@ -7,6 +7,8 @@ from contextlib import contextmanager, nullcontext
 
 import torch
 
+from lorafit.data.tokenize import pad_token_id
+
 
 @contextmanager
 def generation_mode(model) -> Iterator[None]:
@@ -37,7 +39,7 @@ def greedy_generate(
 ) -> list[str]:
     """Greedy answers to already-rendered prompts, in order. Prompts are batched by length with left
     padding; each answer ends at the tokenizer's EOS (not included) or after `max_new_tokens`."""
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    pad_id = pad_token_id(tokenizer)
     encoded = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
     order = sorted(range(len(prompts)), key=lambda i: len(encoded[i]))
     answers: list[str] = [""] * len(prompts)

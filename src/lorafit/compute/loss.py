@@ -7,7 +7,8 @@ the gradient with respect to the hidden states (and the output weight, when it i
 computed in the same pass and stored, so the backward pass is a multiplication by grad_output.
 
 The function returns the *sum* of token losses: the training loop divides by the number of target
-tokens in the whole accumulated batch, so gradient accumulation equals one big batch (pitfall 1).
+tokens in the whole accumulated batch, so gradient accumulation equals one big batch (averaging
+each micro-batch's mean instead would weight a micro-batch of few targets like a full one).
 """
 
 from __future__ import annotations

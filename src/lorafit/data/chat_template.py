@@ -1,5 +1,6 @@
 """The one place conversations become prompt text: training, evaluation, generation, export and
-serving all call `render_chat`, so the prompt format cannot drift between them (pitfall 9).
+serving all call `render_chat`, so the prompt format cannot drift between them (a model tuned on
+one format and asked in another answers worse, silently).
 
 The template is the base model's own (its tokenizer's `chat_template`) unless `data.chat_template`
 says otherwise. A model without one gets DEFAULT_CHAT_TEMPLATE, a plain-text format that needs no

@@ -20,7 +20,7 @@ from lorafit.data.prepare import PrepareOptions, load_prepared_jsonl, prepare_do
 from lorafit.data.readers import find_files
 from lorafit.data.records import RECORD_SUFFIXES
 from lorafit.data.split import split_documents
-from lorafit.data.tokenize import tokenize_cached
+from lorafit.data.tokenize import pad_token_id, tokenize_cached
 from lorafit.errors import DataError
 
 
@@ -198,7 +198,7 @@ def _pack_text(documents: RunDocuments, tokenizer, seq_len: int, stats: dict):
 
 
 def _pack_instructions(documents: RunDocuments, tokenizer, seq_len: int, template, train_turns, stats, problems):
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    pad_id = pad_token_id(tokenizer)
     train = build_examples(documents.train_conversations, tokenizer, template, seq_len, train_turns, problems)
     valid = build_examples(documents.valid_conversations, tokenizer, template, seq_len, train_turns, problems)
     instructions = stats.setdefault("instructions", {})
@@ -328,7 +328,7 @@ def load_eval_blocks(
         ]
         examples = build_examples(records, tokenizer, template, seq_len, "all", problems)
         if examples.input_ids:
-            pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+            pad_id = pad_token_id(tokenizer)
             conversations = pack_examples(examples.input_ids, examples.labels, seq_len, pad_id)
     blocks = _join(text, conversations)
     if blocks is None or len(blocks) == 0:

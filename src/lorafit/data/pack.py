@@ -5,8 +5,10 @@ Text (continued pretraining) is one stream cut every `seq_len` tokens. Instructi
 placed whole (best fit, longest first) and each block records where an example starts through
 `position_ids` that restart at 0: transformers turns restarting positions into a block-diagonal
 causal mask, so attention never crosses an example boundary and rotary positions are the ones the
-example would have alone (pitfall 2). The space left at a block's end is padding with label -100;
-being after every real token, causal attention never lets a real token see it.
+example would have alone (examples that attended to each other, or whose positions ran on from
+the previous one, would learn from contamination no inference ever sees). The space left at a
+block's end is padding with label -100; being after every real token, causal attention never lets
+a real token see it.
 """
 
 from __future__ import annotations

@@ -61,3 +61,9 @@ def tokenize_cached(texts: list[str], tokenizer, cache_dir: Path | None = None) 
 
 def count_tokens(texts: list[str], tokenizer) -> int:
     return int(sum(len(ids) for ids in tokenize_cached(texts, tokenizer)))
+
+
+def pad_token_id(tokenizer) -> int:
+    """The id that pads a batch: the tokenizer's pad token, else its end-of-sequence token (Llama
+    and many others ship without a pad token; padding is masked out of every loss anyway)."""
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from lorafit import __version__
+from lorafit.artifacts import RunSummary
 from lorafit.compute.perplexity import LossResult
 from lorafit.data.datasets import GENERAL_SAMPLE
 from lorafit.data.pack import IGNORE_INDEX, PackedBlocks
@@ -63,19 +64,18 @@ def _loss_fields(prefix: str, result: LossResult | None, base: LossResult | None
     }
 
 
-def training_cost(summary: dict) -> dict:
+def training_cost(summary: RunSummary) -> dict:
     """report.json's `cost` of a trained model, from its run's summary.json (None where unknown)."""
-    parameters = summary.get("trainable_parameters") or {}
     return {
-        "train_seconds": summary.get("train_seconds"),
-        "train_tokens": summary.get("train_tokens"),
-        "train_tokens_per_second": summary.get("tokens_per_second"),
-        "peak_memory_mb": summary.get("peak_rss_mb"),
-        "trainable_parameters": parameters.get("trainable"),
-        "trainable_percent": parameters.get("percent"),
-        "total_parameters": parameters.get("total"),
-        "saved_bytes": summary.get("saved_bytes"),
-        "wall_seconds": summary.get("wall_seconds"),
+        "train_seconds": summary.train_seconds,
+        "train_tokens": summary.train_tokens,
+        "train_tokens_per_second": summary.tokens_per_second,
+        "peak_memory_mb": summary.peak_rss_mb,
+        "trainable_parameters": summary.parameter_count("trainable"),
+        "trainable_percent": summary.parameter_count("percent"),
+        "total_parameters": summary.parameter_count("total"),
+        "saved_bytes": summary.saved_bytes,
+        "wall_seconds": summary.wall_seconds,
     }
 
 

@@ -20,6 +20,7 @@ from lorafit.data.datasets import file_format
 from lorafit.data.documents import Problems
 from lorafit.data.formats import Conversation, field_names, read_conversations
 from lorafit.data.readers import find_files
+from lorafit.data.tokenize import pad_token_id
 from lorafit.errors import DataError
 from lorafit.evaluate.metrics import answer_metrics
 
@@ -50,7 +51,7 @@ def choice_log_likelihoods(
         tokenizer(choice, add_special_tokens=False)["input_ids"] or [tokenizer.eos_token_id] for choice in choices
     ]
     width = len(prompt_ids) + max(len(ids) for ids in choice_ids)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    pad_id = pad_token_id(tokenizer)
     # Right padding: causal attention keeps the padding out of every scored position.
     batch = torch.full((len(choices), width), pad_id, dtype=torch.long)
     for row, ids in enumerate(choice_ids):

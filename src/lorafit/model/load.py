@@ -184,8 +184,56 @@ def check_loading_info(path: str, model, info: dict) -> None:
         )
 
 
+CONTENT_PREFIX = "tensors:"
+SAMPLE_BYTES = 4096  # read at the start, middle and end of every tensor
+
+
 def weights_fingerprint(ref: BaseModelRef) -> str:
-    """A cheap identity of the base weights: hash of the weight files' names and sizes plus config."""
+    """An identity of the base weights' content, cheap at any size: every tensor's name, dtype and
+    shape and a sample of its bytes (start, middle, end), plus config.json. Two bases that differ
+    in any tensor's values almost surely differ in these samples (a fine-tune moves every weight);
+    reading a few KiB per tensor keeps a 7B base's fingerprint under a second."""
+    folder = Path(ref.path)
+    if not folder.is_dir():
+        return ""
+    digest = hashlib.sha256()
+    for path in sorted(folder.glob("*.safetensors")):
+        _hash_safetensors_sample(path, digest)
+    for path in sorted(folder.glob("*.bin")):  # pickled weights: no tensor table; sample the file
+        _hash_byte_sample(path, 0, path.stat().st_size, digest)
+    config = folder / "config.json"
+    if config.is_file():
+        digest.update(json.dumps(json.loads(config.read_text()), sort_keys=True).encode())
+    return CONTENT_PREFIX + digest.hexdigest()[:16]
+
+
+def _hash_safetensors_sample(path: Path, digest) -> None:
+    try:
+        with path.open("rb") as handle:
+            header_size = int.from_bytes(handle.read(8), "little")
+            header = json.loads(handle.read(header_size))
+        entries = {k: (v["dtype"], v["shape"], v["data_offsets"]) for k, v in header.items() if k != "__metadata__"}
+    except (ValueError, TypeError, KeyError, MemoryError, OverflowError):
+        raise ModelError(f"{path}: the safetensors header cannot be read; the file is damaged.") from None
+    data_start = 8 + header_size
+    for name in sorted(entries):
+        dtype, shape, (begin, end) = entries[name]
+        digest.update(f"{name}:{dtype}:{shape}".encode())
+        _hash_byte_sample(path, data_start + begin, data_start + end, digest)
+
+
+def _hash_byte_sample(path: Path, begin: int, end: int, digest) -> None:
+    size = end - begin
+    starts = sorted({begin, begin + max(0, size // 2 - SAMPLE_BYTES // 2), max(begin, end - SAMPLE_BYTES)})
+    with path.open("rb") as handle:
+        for start in starts:
+            handle.seek(start)
+            digest.update(handle.read(min(SAMPLE_BYTES, end - start)))
+
+
+def file_listing_fingerprint(ref: BaseModelRef) -> str:
+    """The fingerprint older lorafit versions recorded: the weight files' names and sizes plus
+    config.json. Kept only to recognise their adapters' bases (see adapters.load.same_weights)."""
     folder = Path(ref.path)
     if not folder.is_dir():
         return ""

@@ -132,13 +132,13 @@ def changes_base_weights(lora: LoraSection) -> bool:
 
 def optimizer_groups(model: torch.nn.Module, plus_ratio: float = 0.0) -> list[dict]:
     """Trainable parameters as AdamW groups. With LoRA+ (`plus_ratio` > 0) the B matrices form their
-    own group whose learning rate is the schedule's times the ratio (the loop reads `lr_scale`)."""
+    own group whose learning rate is the schedule's times the ratio (the loop reads `lr_multiplier`)."""
     trainable = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
     if not plus_ratio:
-        return [{"params": [p for _, p in trainable], "lr_scale": 1.0}]
+        return [{"params": [p for _, p in trainable], "lr_multiplier": 1.0}]
     b_matrices = [p for name, p in trainable if ".lora_B." in name]
     others = [p for name, p in trainable if ".lora_B." not in name]
-    return [{"params": others, "lr_scale": 1.0}, {"params": b_matrices, "lr_scale": plus_ratio}]
+    return [{"params": others, "lr_multiplier": 1.0}, {"params": b_matrices, "lr_multiplier": plus_ratio}]
 
 
 # Parts of a PEFT parameter name that are wrappers, not the module the parameter belongs to.

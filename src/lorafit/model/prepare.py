@@ -10,6 +10,7 @@ import torch
 
 from lorafit.config import RunConfig
 from lorafit.model.attention import use_block_causal_attention
+from lorafit.model.device import compute_dtype
 from lorafit.model.dropout import use_int16_mask_dropout
 from lorafit.model.load import BaseModelRef, load_causal_lm
 from lorafit.model.lora import ParameterReport, apply_lora, parameter_report
@@ -32,11 +33,11 @@ def prepare_trainable_model(
 ) -> TrainableModel:
     """Load and set up the model; `init_batches` supplies training batches to data-driven inits (EVA)."""
     full = config.train.method == "full"
-    compute_dtype = torch.bfloat16 if precision == "bf16" else torch.float32
-    quantization = bitsandbytes_config(config.model.quantization, compute_dtype)
+    dtype = compute_dtype(precision)
+    quantization = bitsandbytes_config(config.model.quantization, dtype)
     # Full fine-tuning keeps fp32 master weights (bf16 AdamW updates would round away); LoRA stores
     # the frozen base in the compute dtype and keeps only the small adapter in fp32.
-    model = load_causal_lm(ref, torch.float32 if full else compute_dtype, quantization)
+    model = load_causal_lm(ref, torch.float32 if full else dtype, quantization)
     if device.type == "cpu" and precision == "bf16":
         use_block_causal_attention(model)
     if quantization is not None:

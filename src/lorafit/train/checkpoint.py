@@ -209,10 +209,13 @@ def load_checkpoint(
         raise UsageError(f"{path / 'optimizer.pt'}: does not fit this run's optimizer ({exc}).") from None
     set_rng_state(files.rng)
     defaults = {f.name: f.default for f in fields(LoopState)}
+    saved_loop = dict(record["loop"])
+    if "lr_scale" in saved_loop:  # the name a checkpoint of an earlier lorafit gives the rollback factor
+        saved_loop.setdefault("rollback_lr_scale", saved_loop.pop("lr_scale"))
     # Strict JSON stores an infinite best loss (nothing validated yet) as null.
     loop = {
         k: defaults[k] if v is None and isinstance(defaults[k], float) else v
-        for k, v in record["loop"].items()
+        for k, v in saved_loop.items()
         if k in defaults
     }
     state = LoopState(**loop)

@@ -2,7 +2,8 @@
 
 Gradient accumulation divides every micro-batch's summed loss by the number of target tokens in
 the *whole* accumulated batch (across ranks), so k micro-batches give the same gradient as one
-batch k times larger, whatever the padding or masking (pitfall 1).
+batch k times larger, whatever the padding or masking (a per-micro-batch mean would weight a
+micro-batch with few answer tokens as much as a full one).
 """
 
 from __future__ import annotations
@@ -40,7 +41,7 @@ class LoopState:
     evals_without_improvement: int = 0
     stopped_early: bool = False
     interrupted_by: str | None = None
-    lr_scale: float = 1.0  # lowered after each rollback from non-finite losses
+    rollback_lr_scale: float = 1.0  # the schedule's factor, lowered after each rollback from non-finite losses
     bad_in_row: int = 0
     micro_batch_size: int = 0  # 0 = train.micro_batch_size; halved after an out-of-memory error
     grad_accum: int = 0
@@ -59,22 +60,39 @@ def restore_trainable(model: torch.nn.Module, state: dict[str, torch.Tensor]) ->
                 param.copy_(state[name])
 
 
+@dataclass
+class LoopEngine:
+    """What a step computes with: the (accelerate-prepared) objective and optimizer, the blocks."""
+
+    accelerator: object
+    objective: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    blocks: BlockTensors
+    autocast: Callable
+
+
+@dataclass
+class LoopHooks:
+    """What the loop calls out to: validation, the metrics log, the end of a step (checkpoints),
+    whether a stop was asked for, and the progress bar."""
+
+    validate: Callable[[], LossResult]
+    log_metrics: Callable[[dict], None]
+    on_step_end: Callable[[LoopState, dict], None] = lambda state, position: None
+    stop_requested: Callable[[], bool] = lambda: False
+    progress: object = None
+
+
 def train_loop(
-    accelerator,
-    objective: torch.nn.Module,
-    optimizer: torch.optim.Optimizer,
-    blocks: BlockTensors,
+    engine: LoopEngine,
     train: TrainSection,
-    autocast: Callable,
-    validate: Callable[[], LossResult],
-    log_metrics: Callable[[dict], None],
-    on_step_end: Callable[[LoopState, dict], None] = lambda state, position: None,
-    progress=None,
+    hooks: LoopHooks,
     state: LoopState | None = None,
     position: dict | None = None,
-    stop_requested: Callable[[], bool] = lambda: False,
 ) -> LoopState:
     """Train until train.max_steps (or early stopping); `state` and `position` resume a run."""
+    accelerator, objective, optimizer, blocks = engine.accelerator, engine.objective, engine.optimizer, engine.blocks
+    autocast, log_metrics, progress = engine.autocast, hooks.log_metrics, hooks.progress
     state = state or LoopState()
     state.micro_batch_size = state.micro_batch_size or train.micro_batch_size
     state.grad_accum = state.grad_accum or train.grad_accum
@@ -95,9 +113,10 @@ def train_loop(
 
     while state.step < train.max_steps and not state.stopped_early:
         started = time.perf_counter()
-        lr = learning_rate(state.step, train.max_steps, train.lr, warmup, train.min_lr_ratio) * state.lr_scale
+        schedule = learning_rate(state.step, train.max_steps, train.lr, warmup, train.min_lr_ratio)
+        lr = schedule * state.rollback_lr_scale
         for group in optimizer.param_groups:
-            group["lr"] = lr * group.get("lr_scale", 1.0)
+            group["lr"] = lr * group.get("lr_multiplier", 1.0)  # LoRA+: the B matrices' ratio
 
         step_start = stream.position()
         while True:
@@ -167,10 +186,10 @@ def train_loop(
             progress.update(task, advance=1, loss=loss, lr=lr, tps=tokens_per_second)
 
         if train.eval_every and state.step % train.eval_every == 0 and state.step < train.max_steps:
-            record_validation(state, objective, validate(), train.early_stopping_patience, log_metrics)
-        on_step_end(state, stream.position())
+            record_validation(state, objective, hooks.validate(), train.early_stopping_patience, log_metrics)
+        hooks.on_step_end(state, stream.position())
         faults.after_step(state.step)
-        if stop_requested() and state.step < train.max_steps and not state.stopped_early:
+        if hooks.stop_requested() and state.step < train.max_steps and not state.stopped_early:
             state.interrupted_by = "signal"
             break
     return state

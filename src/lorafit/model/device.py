@@ -1,8 +1,10 @@
-"""Mixed-precision policy: bf16 where the hardware computes it fast, fp32 elsewhere."""
+"""Where and in what a model computes: the device, the precision policy (bf16 where the hardware
+computes it fast, fp32 elsewhere), its torch dtype and autocast, and the process's peak memory."""
 
 from __future__ import annotations
 
 import functools
+import resource
 from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
 
@@ -31,3 +33,18 @@ def autocast_context(precision: str, device: torch.device) -> AbstractContextMan
     if precision == "bf16":
         return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
     return nullcontext()
+
+
+def default_device() -> torch.device:
+    """The first CUDA GPU when there is one, else the CPU."""
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def compute_dtype(precision: str) -> torch.dtype:
+    """The dtype a resolved precision ('bf16' or 'fp32') computes in."""
+    return torch.bfloat16 if precision == "bf16" else torch.float32
+
+
+def peak_rss_mb() -> float:
+    """This process's peak resident memory so far, in MB."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0

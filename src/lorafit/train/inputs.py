@@ -1,0 +1,132 @@
+"""What a training run reads before it loads the model: the base's tokenizer, the documents and
+instruction examples packed into blocks, the chat template, the task records and general text it
+is measured on, and the prompts it answers side by side — every input checked before any work."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from rich.console import Console
+
+from lorafit.artifacts import RunFolder
+from lorafit.compute.batches import BlockTensors
+from lorafit.config import RunConfig
+from lorafit.data.chat_template import ChatTemplate, resolve_chat_template
+from lorafit.data.datasets import RunBlocks, RunDocuments, load_eval_blocks, load_run_documents, pack_run_documents
+from lorafit.data.documents import Problems, print_problems
+from lorafit.errors import DataError
+from lorafit.evaluate.core import EvalInputs, choose_prompts
+from lorafit.evaluate.tasks import load_task_records
+from lorafit.model.load import BaseModelRef, check_seq_len, load_model_config, load_tokenizer, resolve_base
+from lorafit.model.quantize import check_quantization
+
+
+@dataclass
+class RunInputs:
+    ref: BaseModelRef
+    tokenizer: object
+    template: ChatTemplate | None  # instruction data and task records render through it
+    documents: RunDocuments
+    blocks: RunBlocks
+    train_tensor: BlockTensors
+    evaluation: EvalInputs  # domain: every validation block; general: capped at train.eval_max_blocks
+    task_problems: Problems
+    eval_max_blocks: int = 0  # train.eval_max_blocks (0: all)
+
+    @property
+    def capped_valid(self):
+        """The validation blocks of the periodic validations (train.eval_max_blocks)."""
+        return self.evaluation.domain.head(self.eval_max_blocks)
+
+    def batch_sources(self, block_ids: list[int]) -> str:
+        """The files behind the given training blocks (the first five), for a diagnosis."""
+        docs = sorted({member for block in block_ids for member in self.blocks.train.members[block]})
+        return ", ".join(self.blocks.sources[i] for i in docs[:5]) + (" ..." if len(docs) > 5 else "")
+
+
+def describe_data(stats: dict, formats: dict[str, str]) -> str:
+    parts = []
+    if stats.get("train_documents"):
+        parts.append(
+            f"{stats['train_documents']} train / {stats['valid_documents']} valid documents "
+            f"({stats['train_tokens']:,} / {stats['valid_tokens']:,} tokens)"
+        )
+    instructions = stats.get("instructions")
+    if instructions:
+        kinds = sorted({fmt for fmt in formats.values() if fmt != "text"})
+        parts.append(
+            f"{instructions['train_examples']} train / {instructions['valid_examples']} valid examples "
+            f"({', '.join(kinds)}; {instructions['truncated_examples']} truncated; template: "
+            f"{instructions['chat_template']})"
+        )
+    return "; ".join(parts)
+
+
+def prepare_run_inputs(config: RunConfig, folder: RunFolder, device: torch.device, console: Console) -> RunInputs:
+    train, evaluation = config.train, config.eval
+    check_quantization(config.model.quantization, device)  # before any work
+    ref = resolve_base(config.model.base)
+    check_seq_len(train.seq_len, load_model_config(ref))  # before any expensive work
+    tokenizer = load_tokenizer(ref)
+    documents = load_run_documents(config.data, folder.data)
+    # Instruction data and task evaluation render prompts with one template, chosen (and checked) here.
+    template = (
+        resolve_chat_template(tokenizer, config.data.chat_template)
+        if documents.instruction or documents.valid_conversations or evaluation.tasks
+        else None
+    )
+    blocks = pack_run_documents(
+        documents, tokenizer, train.seq_len, template, config.data.train_turns, config.data.instruct_share
+    )
+    print_problems(console, documents.problems.items, "summary.json")
+
+    task_problems = Problems()
+    records = load_task_records(evaluation.tasks, config.data, task_problems) if evaluation.tasks else []
+    if evaluation.task_max_examples:
+        records = records[: evaluation.task_max_examples]
+    if evaluation.tasks and not records:
+        raise DataError(f"No usable task records in {', '.join(evaluation.tasks)}; check eval.tasks.")
+    print_problems(console, task_problems.items, "tasks.json")
+    general = (
+        load_eval_blocks(evaluation.general, config.data, tokenizer, train.seq_len, template)
+        if evaluation.general
+        else None
+    )
+    shown, fed = _side_by_side_prompts(config, documents, tokenizer, template)
+    inputs = RunInputs(
+        ref=ref,
+        tokenizer=tokenizer,
+        template=template,
+        documents=documents,
+        blocks=blocks,
+        train_tensor=BlockTensors.from_packed(blocks.train),
+        evaluation=EvalInputs(
+            tokenizer=tokenizer,
+            template=template,
+            domain=blocks.valid,
+            general=general.head(train.eval_max_blocks) if general is not None else None,
+            records=records,
+            shown_prompts=shown,
+            fed_prompts=fed,
+            device=device,
+            batch_size=evaluation.batch_size,
+            loss_batch_size=train.micro_batch_size,
+            max_new_tokens=evaluation.max_new_tokens,
+            task_max_new_tokens=evaluation.task_max_new_tokens,
+        ),
+        task_problems=task_problems,
+        eval_max_blocks=train.eval_max_blocks,
+    )
+    return inputs
+
+
+def _side_by_side_prompts(
+    config: RunConfig, documents: RunDocuments, tokenizer, template: ChatTemplate | None
+) -> tuple[list[str], list[str]]:
+    """Instruction runs ask questions through the chat template (the given prompts, else the first
+    validation conversations); text runs continue the opening of a validation document."""
+    asks = template is not None and (documents.instruction or not documents.valid)
+    conversations = [c.messages for c in (documents.valid_conversations or documents.train_conversations)]
+    opening = documents.valid[0].text if documents.valid else ""
+    return choose_prompts(list(config.eval.prompts), tokenizer, template if asks else None, conversations, opening)

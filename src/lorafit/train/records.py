@@ -1,0 +1,132 @@
+"""What a finished run writes about itself: summary.json (`RunSummary`), the adapter's lorafit.json
+(`AdapterRecord`), tasks.json (base and trained model's answers side by side) and the report."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from lorafit.artifacts import AdapterRecord, BaseModelRecord, RunFolder, RunSummary
+from lorafit.compute.perplexity import LossResult
+from lorafit.config import EvalSection, RunConfig
+from lorafit.data.formats import Conversation
+from lorafit.evaluate.core import MeasuredModel, evaluation_report, task_answer_rows
+from lorafit.evaluate.report import write_report
+from lorafit.model.load import tokenizer_identity
+from lorafit.train.inputs import RunInputs
+from lorafit.train.loop import LoopState
+
+
+def _change_percent(after: float, before: float) -> float:
+    return 100.0 * (after / before - 1.0)
+
+
+def run_summary(
+    state: LoopState,
+    before: LossResult,
+    after: LossResult,
+    inputs: RunInputs,
+    method: str,
+    parameters: dict,
+    settings: dict,
+) -> RunSummary:
+    """summary.json's training figures; `settings`: resumed_from, precision, device, rollbacks."""
+    return RunSummary(
+        base_model=inputs.ref.name,
+        steps=state.step,
+        stopped_early=state.stopped_early,
+        best_step=state.best_step,
+        skipped_steps=state.skipped_steps,
+        micro_batch_size=state.micro_batch_size,
+        grad_accum=state.grad_accum,
+        valid_loss_before=before.loss,
+        valid_loss_after=after.loss,
+        valid_ppl_before=before.perplexity,
+        valid_ppl_after=after.perplexity,
+        valid_ppl_change_percent=_change_percent(after.perplexity, before.perplexity),
+        train_tokens=state.tokens_seen,
+        train_seconds=state.train_seconds,
+        tokens_per_second=state.tokens_seen / max(state.train_seconds, 1e-9),
+        method=method,
+        trainable_parameters=parameters,
+        data=inputs.blocks.stats,
+        data_problems=inputs.documents.problems.records(),
+        **settings,
+    )
+
+
+def add_general(summary: RunSummary, before: LossResult | None, after: LossResult | None) -> None:
+    if before is not None and after is not None:
+        summary.general_ppl_before = before.perplexity
+        summary.general_ppl_after = after.perplexity
+        summary.general_ppl_change_percent = _change_percent(after.perplexity, before.perplexity)
+
+
+def adapter_record(
+    config: RunConfig, inputs: RunInputs, base: BaseModelRecord, fingerprints: dict, summary: RunSummary
+) -> AdapterRecord:
+    template = inputs.template
+    return AdapterRecord(
+        base_model=base,
+        config=config.model_dump(mode="json"),
+        tokenizer=tokenizer_identity(inputs.tokenizer, inputs.ref),
+        chat_template=None if template is None else {"origin": template.origin, "text": template.text},
+        data=inputs.blocks.stats,
+        # Hashes of the token blocks trained and validated on: the same data gives the same hashes.
+        data_hashes={"train": fingerprints["train_data"], "valid": fingerprints["valid_data"]},
+        metrics={
+            "valid_ppl_before": summary.valid_ppl_before,
+            "valid_ppl_after": summary.valid_ppl_after,
+            "steps": summary.steps,
+            "train_tokens": summary.train_tokens,
+        },
+    )
+
+
+def generation_rows(shown: list[str], fed: list[str], base: dict | None, tuned: dict) -> list[dict]:
+    """summary.json's generations: [{prompt, rendered_prompt, base, adapter}] ('' where the base was
+    not measured: a run resumed from an older lorafit's checkpoint)."""
+    base_answers = (base or {}).get("generations") or [""] * len(tuned["generations"])
+    return [
+        {"prompt": question, "rendered_prompt": prompt, "base": b, "adapter": a}
+        for question, prompt, b, a in zip(shown, fed, base_answers, tuned["generations"])
+    ]
+
+
+def task_table(
+    records: list[Conversation], base: dict | None, tuned: dict, evaluation: EvalSection, skipped: list[dict] = ()
+) -> dict:
+    """A run's tasks.json: both sides' metrics and every answer side by side (keys base, adapter)."""
+    rows = task_answer_rows(records, {"base": base, "adapter": tuned})
+    return {
+        "files": list(evaluation.tasks),
+        "max_new_tokens": evaluation.task_max_new_tokens,
+        "metrics": {
+            "base": ((base or {}).get("tasks") or {}).get("metrics", {}),
+            "adapter": tuned["tasks"]["metrics"],
+        },
+        "answers": [{**{k: v for k, v in row.items() if k != "answers"}, **row["answers"]} for row in rows],
+        "skipped": list(skipped),
+    }
+
+
+def write_run_report(
+    folder: RunFolder,
+    config: RunConfig,
+    summary: RunSummary,
+    measured: list[MeasuredModel],
+    inputs: RunInputs,
+    base: BaseModelRecord,
+) -> dict[str, Path]:
+    """report.json/md/html of [base, trained model], the same report `lorafit eval` writes."""
+    valid_files = list(config.data.valid) or [f"validation split of {', '.join(config.data.train)}"]
+    report = evaluation_report(
+        measured,
+        inputs.evaluation,
+        base_model=base.to_json(),
+        domain_files=valid_files,
+        general_paths=list(config.eval.general),
+        task_files=list(config.eval.tasks),
+        seq_len=config.train.seq_len,
+    )
+    report["settings"] = {"precision": summary.precision, "device": summary.device, "run": str(folder.root)}
+    return write_report(folder.root, report)

@@ -1,0 +1,363 @@
+"""One training run as named stages: set up (inputs, model, optimizer), start or resume, train,
+finish (choose the best weights, measure, save, write the records). State lives in `RunProgress`;
+the checkpoint, rollback and interrupt policy in `Checkpointer`."""
+
+from __future__ import annotations
+
+import copy
+import functools
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from rich.console import Console
+from rich.markup import escape
+
+from lorafit.adapters.save import folder_bytes, save_adapter, save_full_model, save_initial_adapter
+from lorafit.artifacts import BaseModelRecord, RunFolder, RunSummary
+from lorafit.compute.objective import CausalLMObjective
+from lorafit.compute.perplexity import LossResult, evaluate_loss
+from lorafit.config import RunConfig, config_to_yaml
+from lorafit.errors import TrainingInterruptedError
+from lorafit.evaluate.core import MeasuredModel, measure_model
+from lorafit.evaluate.report import read_curves, training_cost
+from lorafit.integrity import read_json_file
+from lorafit.io import append_jsonl, write_json_atomic, write_text_atomic
+from lorafit.model.device import autocast_context, compute_dtype, default_device, peak_rss_mb, resolve_precision
+from lorafit.model.load import weights_fingerprint
+from lorafit.model.lora import changes_base_weights, optimizer_groups
+from lorafit.model.prepare import prepare_trainable_model
+from lorafit.train import faults
+from lorafit.train.checkpointer import Checkpointer
+from lorafit.train.guards import StopRequests
+from lorafit.train.inputs import describe_data, prepare_run_inputs
+from lorafit.train.loop import (
+    LoopEngine,
+    LoopHooks,
+    LoopState,
+    UnstableTrainingError,
+    record_validation,
+    restore_trainable,
+    train_loop,
+)
+from lorafit.train.progress import training_progress
+from lorafit.train.records import (
+    adapter_record,
+    add_general,
+    generation_rows,
+    run_summary,
+    task_table,
+    write_run_report,
+)
+from lorafit.train.run_folder import input_fingerprints, metrics_line_count
+
+EVA_INIT_BLOCKS = 64  # training blocks shown to the data-driven EVA init
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+@dataclass
+class RunProgress:
+    """What the run has done so far: the loop's state and data position, the checkpoint it resumed
+    from, and the base model as measured before training."""
+
+    loop: LoopState | None = None
+    position: dict | None = None
+    resumed_from: str | None = None
+    base: MeasuredModel | None = None
+    base_outputs: dict | None = None  # None: a run resumed from an older lorafit kept none
+
+
+@dataclass
+class RunResult:
+    """What `lorafit train` (and `lorafit.train`) returns: the run folder, its summary.json as a
+    dict, the saved adapter/ (or model/) and report.html (None when not written)."""
+
+    out_dir: Path
+    summary: dict
+    run_summary: RunSummary | None = None
+
+    @property
+    def folder(self) -> RunFolder:
+        return RunFolder(self.out_dir)
+
+    @property
+    def adapter(self) -> Path | None:
+        return self.folder.trained()
+
+    @property
+    def report(self) -> Path | None:
+        return self.folder.report if self.folder.report.is_file() else None
+
+
+class TrainingRun:
+    def __init__(self, config: RunConfig, folder: RunFolder, console: Console, stops: StopRequests):
+        self.config = config.model_copy(update={"out": str(folder.root)})
+        self.folder, self.console, self.stops = folder, console, stops
+        self.train_cfg = self.config.train
+        self.progress = RunProgress()
+        self.wall_start = time.perf_counter()
+
+    # --- set-up ------------------------------------------------------------------------------------
+
+    def set_up(self) -> None:
+        """Check and read every input, then load the model and build the objective and optimizer."""
+        from accelerate import Accelerator
+
+        device = default_device()
+        self.precision = resolve_precision(self.train_cfg.precision, device)
+        # lorafit applies autocast itself (train.precision); accelerate's own mixed-precision state is a
+        # process-wide singleton that could not change between runs in one process (tests, notebooks).
+        self.accelerator = Accelerator(mixed_precision="no", cpu=device.type == "cpu")
+        self.device = self.accelerator.device
+        self.autocast = functools.partial(autocast_context, self.precision, self.device)
+        seed_everything(self.train_cfg.seed)
+        self.inputs = prepare_run_inputs(self.config, self.folder, self.device, self.console)
+        self.inputs.evaluation.autocast = self.autocast
+        ref = self.inputs.ref
+        self.console.print(f"[bold]base[/] {ref.name}  [bold]precision[/] {self.precision}  [bold]device[/] {device}")
+        self.console.print(
+            f"[bold]data[/] {describe_data(self.inputs.blocks.stats, self.inputs.documents.formats)}; "
+            f"{len(self.inputs.blocks.train)} blocks of {self.train_cfg.seq_len}"
+        )
+        self._build_model()
+        self.base_record = BaseModelRecord(
+            spec=ref.spec, name=ref.name, path=ref.path, weights_fingerprint=weights_fingerprint(ref)
+        )
+        blocks = self.inputs.blocks
+        self.fingerprints = input_fingerprints(
+            self.config, blocks.train, blocks.valid, self.base_record.weights_fingerprint
+        )
+        self.checkpointer = Checkpointer(
+            folder=self.folder,
+            model=self.accelerator.unwrap_model(self.objective),
+            optimizer=self.optimizer,
+            train=self.train_cfg,
+            fingerprints=self.fingerprints,
+            log_metrics=self.log_metrics,
+            warn=lambda message: self.console.print(f"[yellow]{escape(message)}[/]"),
+            save_adapter_to=None if self.trainable.method == "full" else self._save_checkpoint_adapter,
+            is_main_process=self.accelerator.is_main_process,
+        )
+
+    def _build_model(self) -> None:
+        train, tensor = self.train_cfg, self.inputs.train_tensor
+        self.trainable = prepare_trainable_model(
+            self.config,
+            self.inputs.ref,
+            self.precision,
+            self.device,
+            init_batches=lambda: (
+                tensor.batch(torch.arange(i, min(i + train.micro_batch_size, len(tensor))), self.device)
+                for i in range(0, min(len(tensor), EVA_INIT_BLOCKS), train.micro_batch_size)
+            ),
+        )
+        model, report = self.trainable.model, self.trainable.report
+        self.console.print(
+            f"[bold]{self.trainable.method}[/] {report.trainable:,} of {report.total:,} parameters trainable "
+            f"({report.percent:.3f}%)  " + "  ".join(f"{name} {count:,}" for name, count in report.by_module.items())
+        )
+        self.initial_adapter = None
+        lora = self.trainable.method == "lora"
+        if lora and changes_base_weights(self.config.lora) and self.accelerator.is_main_process:
+            self.initial_adapter = save_initial_adapter(model, self.folder.initial_adapter)
+        objective = CausalLMObjective(model, compute_dtype(self.precision), train.loss_chunk_tokens)
+        optimizer = torch.optim.AdamW(
+            optimizer_groups(model, self.config.lora.plus_ratio if lora else 0.0),
+            lr=train.lr,
+            weight_decay=train.weight_decay,
+        )
+        self.objective, self.optimizer = self.accelerator.prepare(objective, optimizer)
+        self.tuned_model = self.accelerator.unwrap_model(self.objective).model
+
+    def _save_checkpoint_adapter(self, folder: Path, state: LoopState) -> None:
+        save_adapter(self.tuned_model, folder, {"step": state.step}, self.initial_adapter)
+
+    def log_metrics(self, record: dict) -> None:
+        if self.accelerator.is_main_process:
+            append_jsonl(self.folder.metrics, record)
+
+    def validate(self, blocks=None) -> LossResult:
+        """Validation loss on `blocks` (default: the periodic validations' capped blocks)."""
+        blocks = self.inputs.capped_valid if blocks is None else blocks
+        return evaluate_loss(self.objective, blocks, self.train_cfg.micro_batch_size, self.device, self.autocast)
+
+    # --- start or resume ---------------------------------------------------------------------------
+
+    def start(self) -> None:
+        """A new run: its config.yaml, then the base model measured as set up (an adapter at its
+        initialisation computes the base model's function), kept in base_outputs.json."""
+        # Written once every input has been checked: a run that failed on bad input leaves no
+        # config.yaml behind, so retrying into the same --out is not refused as "already a run".
+        write_text_atomic(self.folder.config, config_to_yaml(self.config))
+        self.console.print("measuring validation perplexity of the base model...")
+        faults.at_stage("base")
+        before = self.validate(self.inputs.evaluation.domain)
+        self.log_metrics({"step": 0, "valid_loss": round(before.loss, 6), "valid_ppl": round(before.perplexity, 4)})
+        records = self.inputs.evaluation.records
+        if records:
+            self.console.print(f"scoring the base model on {len(records)} task records...")
+        base = measure_model(
+            self.tuned_model, self.objective, "base", "base", self.base_record.path, self.inputs.evaluation,
+            self._base_cost(), domain_measured=before,
+        )  # fmt: skip
+        write_json_atomic(self.folder.base_outputs, base.outputs)
+        self._keep_base(base)
+
+    def resume(self, resume: str, ignore_changes: bool) -> None:
+        """Continue from checkpoint `resume`; the base's measurements come from the checkpoint and
+        base_outputs.json (a run from an older lorafit has none: the tuned side only)."""
+        resumed = self.checkpointer.resume(resume, ignore_changes)
+        record = resumed.record
+        before = LossResult(**record["before"])
+        general = LossResult(**record["general_before"]) if record.get("general_before") else None
+        outputs = read_json_file(self.folder.base_outputs) if self.folder.base_outputs.is_file() else None
+        base = MeasuredModel.from_parts("base", "base", self.base_record.path, before, general, outputs, {})
+        base.evaluation.cost = self._base_cost()
+        self.progress = RunProgress(resumed.state, resumed.position, str(resumed.checkpoint))
+        self._keep_base(base, outputs is not None)
+        self.console.print(f"resuming from {resumed.checkpoint} (step {resumed.state.step})")
+
+    def _base_cost(self) -> dict:
+        return {"total_parameters": self.trainable.report.total}
+
+    def _keep_base(self, base: MeasuredModel, measured_outputs: bool = True) -> None:
+        self.progress.base = base
+        self.progress.base_outputs = base.outputs if measured_outputs else None
+        domain, general = base.evaluation.domain, base.evaluation.general
+        self.checkpointer.base_record = {
+            "before": {"nll_sum": domain.nll_sum, "tokens": domain.tokens},
+            "general_before": None if general is None else {"nll_sum": general.nll_sum, "tokens": general.tokens},
+        }
+        self.console.print(
+            f"[bold]valid ppl before[/] {domain.perplexity:.3f}  (loss {domain.loss:.4f}, {domain.tokens:,} tokens)"
+        )
+
+    # --- train -------------------------------------------------------------------------------------
+
+    def train(self) -> None:
+        """The loop to train.max_steps, rolling back after runs of non-finite steps; a signal saves
+        a checkpoint and stops with the command that continues exactly."""
+        engine = LoopEngine(self.accelerator, self.objective, self.optimizer, self.inputs.train_tensor, self.autocast)
+        progress = self.progress
+        with self.stops.deferring() as stop_requested, training_progress(self.console) as bar:
+            hooks = LoopHooks(self.validate, self.log_metrics, self.checkpointer.on_step_end, stop_requested, bar)
+            while True:
+                try:
+                    progress.loop = train_loop(engine, self.train_cfg, hooks, progress.loop, progress.position)
+                    break
+                except UnstableTrainingError as unstable:
+                    sources = self.inputs.batch_sources(unstable.blocks)
+                    progress.loop, progress.position = self.checkpointer.roll_back(unstable, sources)
+        state = progress.loop
+        if state.interrupted_by:
+            saved = self.checkpointer.saved_or_save(state, self.checkpointer.last_position)
+            raise TrainingInterruptedError(
+                f"Stopped by {stop_requested.signal_name} after step {state.step}; checkpoint {saved}. "
+                f"Continue exactly with: lorafit train CONFIG --out {self.folder.root} --resume"
+            )
+
+    # --- finish ------------------------------------------------------------------------------------
+
+    def finish(self) -> RunResult:
+        """Choose the weights, measure, save and write the records; a signal in the middle keeps a
+        checkpoint of the trained weights, so --resume only redoes this stage."""
+        state = self.progress.loop
+        # What a checkpoint needs if a signal comes before the run is saved (the weights are the model's).
+        finished_state = copy.copy(state)
+        finished_position = dict(self.checkpointer.last_position or self.progress.position or {})
+        metrics_at_loop_end = metrics_line_count(self.folder.metrics)
+        try:
+            faults.at_stage("finish")
+            return self._finish(state)
+        except KeyboardInterrupt:
+            # (Had the best weights already been restored, the checkpoint holds those; the result is the same.)
+            saved = self.checkpointer.saved_or_save(finished_state, finished_position, metrics_at_loop_end)
+            raise TrainingInterruptedError(
+                f"Stopped by {self.stops.signal_name or 'SIGINT'} after training (step {state.step}), before the "
+                f"run was saved and measured; checkpoint {saved}. Finish it with: lorafit train CONFIG --out "
+                f"{self.folder.root} --resume"
+            ) from None
+
+    def _finish(self, state: LoopState) -> RunResult:
+        after = self._choose_weights(state)
+        base = self.progress.base
+        summary = run_summary(
+            state,
+            base.evaluation.domain,
+            after,
+            self.inputs,
+            self.trainable.method,
+            self.trainable.report.as_dict(),
+            {
+                "resumed_from": self.progress.resumed_from,
+                "precision": self.precision,
+                "device": str(self.device),
+                "rollbacks": self.checkpointer.rollbacks,
+            },
+        )
+        if not self.accelerator.is_main_process:
+            return RunResult(self.folder.root, summary.to_json(), summary)
+        saved = self._save(summary)
+        summary.saved_to, summary.saved_bytes = str(saved), folder_bytes(saved)
+        tuned = self._measure_trained(after, saved, summary)
+        add_general(summary, base.evaluation.general, tuned.evaluation.general)
+        self._write_records(summary, base, tuned)
+        return RunResult(self.folder.root, summary.to_json(), summary)
+
+    def _choose_weights(self, state: LoopState) -> LossResult:
+        """Validate the end on the periodic validations' blocks; keep an earlier step's weights if
+        that validated better (early stopping, overfitting). Returns the loss on every block."""
+        capped, full = self.inputs.capped_valid, self.inputs.evaluation.domain
+        final = self.validate()
+        record_validation(state, self.objective, final, 0, self.log_metrics)
+        restored = state.best_step != state.step and state.best_trainable is not None
+        if restored:
+            restore_trainable(self.objective, state.best_trainable)
+            self.console.print(f"restored the best adapter from step {state.best_step}")
+        state.best_trainable = None
+        return final if not restored and len(capped) == len(full) else self.validate(full)
+
+    def _save(self, summary: RunSummary) -> Path:
+        record = adapter_record(self.config, self.inputs, self.base_record, self.fingerprints, summary).to_json()
+        record.pop("lorafit_version")  # the savers stamp it first
+        if self.trainable.method == "full":
+            return save_full_model(self.tuned_model, self.inputs.tokenizer, self.folder.model, record)
+        return save_adapter(self.tuned_model, self.folder.adapter, record, self.initial_adapter)
+
+    def _measure_trained(self, after: LossResult, saved: Path, summary: RunSummary) -> MeasuredModel:
+        method = self.trainable.method
+        if self.inputs.evaluation.records:
+            self.console.print(f"scoring the {method} model on {len(self.inputs.evaluation.records)} task records...")
+        tuned = measure_model(
+            self.tuned_model, self.objective, "adapter" if method == "lora" else "full fine-tune", method,
+            str(saved), self.inputs.evaluation, {}, domain_measured=after,
+        )  # fmt: skip
+        return tuned
+
+    def _write_records(self, summary: RunSummary, base: MeasuredModel, tuned: MeasuredModel) -> None:
+        """summary.json, tasks.json and the report, from the two measured sides."""
+        evaluation, base_outputs = self.inputs.evaluation, self.progress.base_outputs
+        summary.generations = generation_rows(
+            evaluation.shown_prompts, evaluation.fed_prompts, base_outputs, tuned.outputs
+        )
+        if evaluation.records:
+            tasks = task_table(
+                evaluation.records, base_outputs, tuned.outputs, self.config.eval, self.inputs.task_problems.records()
+            )
+            write_json_atomic(self.folder.tasks, tasks)
+            summary.tasks = tasks["metrics"]
+        summary.peak_rss_mb = peak_rss_mb()
+        summary.wall_seconds = time.perf_counter() - self.wall_start
+        write_json_atomic(self.folder.summary, summary.to_json())
+        if self.config.eval.report:
+            tuned.evaluation.cost = training_cost(summary)
+            tuned.evaluation.curves = read_curves(self.folder.metrics)
+            write_run_report(self.folder, self.config, summary, [base, tuned], self.inputs, self.base_record)

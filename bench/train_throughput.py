@@ -118,8 +118,8 @@ def run_peer(data: Path, steps: int) -> dict:
 
 
 def run_lorafit(data: Path, steps: int) -> dict:
-    from lorafit.config import build_config
-    from lorafit.train.run import run_training
+    from lorafit.config_files import build_config
+    from lorafit.training.run import run_training
 
     with tempfile.TemporaryDirectory() as out:
         config = build_config(

@@ -3,7 +3,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from lorafit.config import RunConfig, field_reference, load_config
+from lorafit.config import RunConfig
+from lorafit.config_files import field_reference, load_config
 from lorafit.errors import ConfigError
 
 REPO = Path(__file__).resolve().parents[1]

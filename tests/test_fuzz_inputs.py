@@ -8,7 +8,8 @@ from conftest import PYDOCS
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from lorafit.config import RunConfig, load_config
+from lorafit.config import RunConfig
+from lorafit.config_files import load_config
 from lorafit.data.documents import Problems
 from lorafit.data.readers import read_file
 from lorafit.errors import LorafitError

@@ -18,8 +18,8 @@ import pytest
 import torch
 from conftest import write_jsonl
 
-from lorafit.config import build_config
-from lorafit.train.run import run_training
+from lorafit.config_files import build_config
+from lorafit.training.run import run_training
 
 TOLERANCE = 1e-5
 

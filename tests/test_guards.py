@@ -9,7 +9,7 @@ from safetensors.torch import load_file
 from test_cli import invoke, make_corpus, write_config
 
 from lorafit.data.pack import documents_in_blocks
-from lorafit.train import faults
+from lorafit.training import faults
 
 
 @pytest.fixture()
@@ -92,7 +92,7 @@ def test_progress_bar_keeps_one_row_across_a_rollback():
 
     from rich.console import Console
 
-    from lorafit.train.progress import training_progress, training_task
+    from lorafit.training.progress import training_progress, training_task
 
     progress = training_progress(Console(file=io.StringIO()))
     first = training_task(progress, total=8, completed=0)

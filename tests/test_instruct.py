@@ -348,7 +348,25 @@ def test_instruction_run_end_to_end_with_task_metrics(tmp_path, tiny_model_dir):
 
 def test_tasks_need_reference_answers(tmp_path, tiny_model_dir):
     text = write_jsonl(tmp_path / "plain.jsonl", [{"text": "Python lists are mutable sequences. " * 5}] * 4)
-    from lorafit.evaluate.tasks import load_task_records
+    from lorafit.evaluation.tasks import load_task_records
 
     with pytest.raises(DataError, match="needs instruction records"):
         load_task_records([str(text)], DataSection(train=[str(text)]), Problems())
+
+
+def test_instruction_records_get_the_near_duplicate_pass_documents_get(tmp_path):
+    sentence = "Item {} of a list is found by index {}, and slicing copies a range of items."
+    answer = " ".join(sentence.format(i, i) for i in range(8))
+    near = answer.replace("index 3,", "position 3,")  # one word of 136 differs
+    records = [
+        {"instruction": "What is a list?", "output": answer},
+        {"instruction": "What is a list?", "output": near},
+        {"instruction": "What is a dict?", "output": "A mapping of keys to values, looked up by hashing the key."},
+    ]
+    data = DataSection(train=[str(write_jsonl(tmp_path / "inst.jsonl", records))], valid_ratio=0.0)
+    documents = load_run_documents(data.model_copy(update={"valid": [str(tmp_path / "inst.jsonl")]}), None)
+    stats = documents.stats["instructions"]
+    assert stats["near_duplicates"] == 1 and stats["exact_duplicates"] == 0
+    assert [c.messages[-1]["content"] for c in documents.train_conversations] == [answer, records[2]["output"]]
+    strict = load_run_documents(data.model_copy(update={"valid": data.train, "near_dup_threshold": 1.0}), None)
+    assert len(strict.train_conversations) == 3  # the threshold is data.near_dup_threshold's

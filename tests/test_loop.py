@@ -4,7 +4,7 @@ import torch
 
 from lorafit.compute.batches import BlockStream
 from lorafit.compute.perplexity import LossResult
-from lorafit.train.loop import LoopState, record_validation
+from lorafit.training.loop import LoopState, record_validation
 
 
 def test_block_stream_covers_each_epoch_once_and_is_deterministic():
@@ -38,7 +38,7 @@ def test_early_stopping_keeps_best_weights():
 
 
 def test_loss_spike_is_logged_against_the_running_median():
-    from lorafit.train.loop import warn_on_spike
+    from lorafit.training.loop import warn_on_spike
 
     state, logged = LoopState(), []
     for step, loss in enumerate([2.0, 2.1, 1.9, 2.0, 2.2, 1.8, 2.0, 2.1, 1.9, 2.0, 5.5, 2.0]):

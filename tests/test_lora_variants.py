@@ -9,7 +9,8 @@ import yaml
 from conftest import write_jsonl
 from test_cli import invoke, make_corpus, train_with_overrides, write_config
 
-from lorafit.config import LoraSection, build_config
+from lorafit.config import LoraSection
+from lorafit.config_files import build_config
 from lorafit.errors import ConfigError
 from lorafit.model.lora import apply_lora, module_type, optimizer_groups, parameter_report
 

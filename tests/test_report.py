@@ -11,7 +11,7 @@ from conftest import write_jsonl
 from test_cli import invoke, make_corpus, write_config
 
 from lorafit.compute.perplexity import LossResult
-from lorafit.evaluate.report import ModelEvaluation, build_report, read_curves, render_html, render_markdown
+from lorafit.evaluation.report import ModelEvaluation, build_report, read_curves, render_html, render_markdown
 
 TASKS = [
     {"instruction": f"What does Python {topic} note {j} define?", "output": f"def f{j}(x): return x + {j}."}

@@ -1,6 +1,6 @@
 import pytest
 
-from lorafit.train.schedule import learning_rate, warmup_steps_for
+from lorafit.training.schedule import learning_rate, warmup_steps_for
 
 
 def test_warmup_is_linear_up_to_peak():

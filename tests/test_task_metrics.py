@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from lorafit.evaluate.metrics import answer_metrics, exact_match, normalize_answer, token_f1
+from lorafit.evaluation.metrics import answer_metrics, exact_match, normalize_answer, token_f1
 
 
 def test_exact_match_and_token_f1_follow_squad_normalisation():
@@ -31,7 +31,7 @@ def test_answer_metrics_use_rouge_l_and_corpus_bleu():
 def test_choice_log_likelihood_equals_scoring_the_full_sequence(tiny_model_dir):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from lorafit.evaluate.tasks import choice_log_likelihoods
+    from lorafit.evaluation.tasks import choice_log_likelihoods
 
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
@@ -50,8 +50,8 @@ def test_choice_log_likelihood_equals_scoring_the_full_sequence(tiny_model_dir):
 def test_a_run_without_base_outputs_reports_the_tuned_side_only():
     from lorafit.config import EvalSection
     from lorafit.data.formats import Conversation
-    from lorafit.train.records import generation_rows
-    from lorafit.train.records import task_table as task_report
+    from lorafit.training.records import generation_rows
+    from lorafit.training.records import task_table as task_report
 
     records = [
         Conversation([{"role": "user", "content": "Q?"}, {"role": "assistant", "content": "A."}], "t:1"),

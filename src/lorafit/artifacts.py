@@ -16,6 +16,24 @@ from typing import Any
 from lorafit import __version__
 from lorafit.integrity import read_json_file
 
+# Every entry a run writes into its folder (README: "A run folder holds"); `lorafit.outputs`
+# replaces exactly these on --overwrite, and nothing else a user keeps there.
+RUN_ENTRIES = (
+    "config.yaml",
+    "metrics.jsonl",
+    "summary.json",
+    "tasks.json",
+    "base_outputs.json",
+    "report.json",
+    "report.md",
+    "report.html",
+    "checkpoints",
+    "adapter",
+    "adapter-init",
+    "model",
+    "data",
+)
+
 
 @dataclass(frozen=True)
 class RunFolder:

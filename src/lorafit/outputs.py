@@ -23,14 +23,16 @@ import fnmatch
 import json
 import os
 import shutil
+import tempfile
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 from lorafit import __version__
+from lorafit.artifacts import RUN_ENTRIES
 from lorafit.errors import UsageError
-from lorafit.io import STAGING_PREFIX, write_json_atomic
+from lorafit.io import STAGING_PREFIX, UMASK, staging_prefix, write_json_atomic
 
 MARKER = ".lorafit-output.json"
 LOCK = ".lorafit-lock"
@@ -92,21 +94,7 @@ KINDS = {
         OutputKind(
             "run",
             "a run folder",
-            (
-                "config.yaml",
-                "metrics.jsonl",
-                "summary.json",
-                "tasks.json",
-                "base_outputs.json",
-                "report.json",
-                "report.md",
-                "report.html",
-                "checkpoints",
-                "adapter",
-                "adapter-init",
-                "model",
-                "data",
-            ),
+            RUN_ENTRIES,
             _is_run,
         ),
         OutputKind(
@@ -335,3 +323,46 @@ def cache_lock(path: Path) -> Iterator[None]:
     with open(path, "a+") as handle:
         fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
         yield
+
+
+def fsync_tree(folder: Path) -> None:
+    """Flush every file under `folder` to disk."""
+    for path in Path(folder).rglob("*"):
+        if path.is_file():
+            with path.open("rb") as handle:
+                os.fsync(handle.fileno())
+
+
+def write_folder_atomically(out_dir: Path, write: Callable[[Path], None], kind: str | None = None) -> Path:
+    """Fill a temporary sibling folder with `write`, fsync it, then rename it into place (never
+    half-written, even after a power cut).
+
+    With `kind` (a command's own output, not a part of a run folder) the folder is marked as that
+    kind of lorafit output, and whatever the user keeps in a replaced folder moves into the new one:
+    only lorafit's own files are replaced (the caller has checked the folder with
+    `check_output_folder`)."""
+    out_dir = Path(out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    sweep_stale(out_dir.parent)
+    staging = Path(tempfile.mkdtemp(prefix=staging_prefix(out_dir.name), dir=out_dir.parent))
+    os.chmod(staging, 0o777 & ~UMASK)  # mkdtemp's 0700 would hide a shared output from others
+    # Not a temporary name: if the process dies between the renames, the old folder (and anything
+    # of the user's in it) stays where it is, never swept away.
+    backup = out_dir.with_name(f".lorafit-replaced-{os.getpid()}-{out_dir.name}")
+    try:
+        write(staging)
+        if kind is not None:
+            mark_output_folder(staging, kind)
+        fsync_tree(staging)  # on disk before the rename makes it the real one (a crash keeps the old)
+        if out_dir.exists():
+            os.rename(out_dir, backup)
+            os.rename(staging, out_dir)
+            if kind is not None:
+                for name in foreign_entries(backup, kind):
+                    os.rename(backup / name, out_dir / name)
+            shutil.rmtree(backup, ignore_errors=True)
+        else:
+            os.rename(staging, out_dir)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return out_dir

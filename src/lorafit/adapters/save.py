@@ -3,49 +3,12 @@
 
 from __future__ import annotations
 
-import os
-import shutil
-import tempfile
 import warnings
-from collections.abc import Callable
 from pathlib import Path
 
 from lorafit import __version__
-from lorafit.io import UMASK, staging_prefix, write_json_atomic
-from lorafit.outputs import foreign_entries, mark_output_folder, sweep_stale
-
-
-def write_folder_atomically(out_dir: Path, write: Callable[[Path], None], kind: str | None = None) -> Path:
-    """Fill a temporary sibling folder with `write`, then rename it into place (never half-written).
-
-    With `kind` (a command's own output, not a part of a run folder) the folder is marked as that
-    kind of lorafit output, and whatever the user keeps in a replaced folder moves into the new one:
-    only lorafit's own files are replaced (the caller has checked the folder with
-    `check_output_folder`)."""
-    out_dir = Path(out_dir)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    sweep_stale(out_dir.parent)
-    staging = Path(tempfile.mkdtemp(prefix=staging_prefix(out_dir.name), dir=out_dir.parent))
-    os.chmod(staging, 0o777 & ~UMASK)  # mkdtemp's 0700 would hide a shared output from others
-    # Not a temporary name: if the process dies between the renames, the old folder (and anything
-    # of the user's in it) stays where it is, never swept away.
-    backup = out_dir.with_name(f".lorafit-replaced-{os.getpid()}-{out_dir.name}")
-    try:
-        write(staging)
-        if kind is not None:
-            mark_output_folder(staging, kind)
-        if out_dir.exists():
-            os.rename(out_dir, backup)
-            os.rename(staging, out_dir)
-            if kind is not None:
-                for name in foreign_entries(backup, kind):
-                    os.rename(backup / name, out_dir / name)
-            shutil.rmtree(backup, ignore_errors=True)
-        else:
-            os.rename(staging, out_dir)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-    return out_dir
+from lorafit.io import write_json_atomic
+from lorafit.outputs import write_folder_atomically
 
 
 def save_initial_adapter(peft_model, out_dir: Path) -> Path:

@@ -10,6 +10,7 @@ from rich.markup import escape
 
 from lorafit.cli.app import _fail, console
 from lorafit.errors import LorafitError, UsageError
+from lorafit.options import default_of
 
 
 def merge(
@@ -19,7 +20,9 @@ def merge(
     base: Annotated[
         str | None, typer.Option(help="Base model (default: the one the adapter records in lorafit.json).")
     ] = None,
-    max_shard_mb: Annotated[int, typer.Option(help="Largest safetensors shard, in MB.")] = 2048,
+    max_shard_mb: Annotated[int, typer.Option(help="Largest safetensors shard, in MB.")] = default_of(
+        "options.max_shard_mb"
+    ),
     overwrite: Annotated[bool, typer.Option(help="Replace a non-empty --out.")] = False,
     allow_base_mismatch: Annotated[
         bool, typer.Option(help="Merge even if the adapter records other base weights.")
@@ -27,19 +30,17 @@ def merge(
 ) -> None:
     """Merge a LoRA adapter into its base: a plain transformers model folder (safetensors, config,
     tokenizer and chat template), streamed tensor by tensor."""
-    from lorafit.adapters.merge import merge_adapter
-    from lorafit.options import check_options
+    from lorafit.api import merge as merge_adapter
 
     try:
-        check_options({"--max-shard-mb": ("options.max_shard_mb", max_shard_mb)})
         result = merge_adapter(
             adapter,
             out,
             dtype=dtype,
             base=base,
-            allow_base_mismatch=allow_base_mismatch,
+            max_shard_mb=max_shard_mb,
             overwrite=overwrite,
-            max_shard_bytes=max_shard_mb * 1024**2,
+            allow_base_mismatch=allow_base_mismatch,
         )
     except LorafitError as exc:
         _fail(exc)
@@ -75,17 +76,16 @@ def export(
 ) -> None:
     """Export an adapter merged into its base (or a fully fine-tuned run) as GGUF for llama.cpp and
     Ollama, with a Modelfile beside it; checked in llama.cpp when llama-cpp-python is installed."""
-    from lorafit.adapters.export import export_gguf
+    from lorafit.api import export as export_model
 
     try:
-        if format_ != "gguf":
-            raise UsageError(f"--format {format_}: lorafit exports gguf (for safetensors, use lorafit merge).")
-        result = export_gguf(
+        result = export_model(
             adapter,
             out,
-            type_,
-            base,
-            verify,
+            format=format_,
+            type=type_,
+            base=base,
+            verify=verify,
             pre_tokenizer=pre_tokenizer,
             allow_base_mismatch=allow_base_mismatch,
             adapter_only=adapter_only,
@@ -130,7 +130,9 @@ def chat(
         list[str], typer.Option("--adapter", metavar="[NAME=]PATH", help="Adapter or run folder (repeatable).")
     ],
     base: Annotated[str | None, typer.Option(help="Base model (default: the one the adapters record).")] = None,
-    max_new_tokens: Annotated[int, typer.Option(help="Tokens per answer (greedy).")] = 256,
+    max_new_tokens: Annotated[int, typer.Option(help="Tokens per answer (greedy).")] = default_of(
+        "options.chat_max_new_tokens"
+    ),
     precision: Annotated[str, typer.Option(help="auto, bf16 or fp32.")] = "auto",
     allow_base_mismatch: Annotated[
         bool, typer.Option(help="Load adapters even if they record other base weights.")

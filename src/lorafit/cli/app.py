@@ -19,7 +19,7 @@ from rich.console import Console
 from rich.markup import escape
 
 from lorafit import __version__
-from lorafit.config import field_reference
+from lorafit.config_files import field_reference
 from lorafit.errors import LorafitError
 
 app = typer.Typer(

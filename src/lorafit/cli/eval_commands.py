@@ -10,6 +10,7 @@ from rich.table import Table
 
 from lorafit.cli.app import _fail, console
 from lorafit.errors import LorafitError, UsageError
+from lorafit.options import default_of
 
 
 def evaluate_models(
@@ -46,11 +47,21 @@ def evaluate_models(
     seq_len: Annotated[
         int | None, typer.Option(help="Context of the perplexity blocks. Default: the run's train.seq_len.")
     ] = None,
-    batch_size: Annotated[int, typer.Option(help="Blocks (and prompts) evaluated together.")] = 8,
-    max_blocks: Annotated[int, typer.Option(help="Score only the first N blocks of each text (0 = all).")] = 0,
-    task_max_examples: Annotated[int, typer.Option(help="Score only the first N task records (0 = all).")] = 0,
-    max_new_tokens: Annotated[int, typer.Option(help="Tokens generated per side-by-side prompt.")] = 48,
-    task_max_new_tokens: Annotated[int, typer.Option(help="Tokens generated per task answer.")] = 128,
+    batch_size: Annotated[int, typer.Option(help="Blocks (and prompts) evaluated together.")] = default_of(
+        "options.eval_batch_size"
+    ),
+    max_blocks: Annotated[int, typer.Option(help="Score only the first N blocks of each text (0 = all).")] = (
+        default_of("options.max_blocks")
+    ),
+    task_max_examples: Annotated[int, typer.Option(help="Score only the first N task records (0 = all).")] = (
+        default_of("eval.task_max_examples")
+    ),
+    max_new_tokens: Annotated[int, typer.Option(help="Tokens generated per side-by-side prompt.")] = default_of(
+        "eval.max_new_tokens"
+    ),
+    task_max_new_tokens: Annotated[int, typer.Option(help="Tokens generated per task answer.")] = default_of(
+        "eval.task_max_new_tokens"
+    ),
     precision: Annotated[
         str | None, typer.Option(help="auto, bf16 or fp32. Default: the run's train.precision.")
     ] = None,
@@ -61,35 +72,18 @@ def evaluate_models(
 ) -> None:
     """Measure the base model and adapters on the same data: domain perplexity, forgetting, task
     metrics, generations and cost, in one report (report.json, report.md, report.html)."""
-    from lorafit.data.datasets import GENERAL_SAMPLE
-    from lorafit.evaluate.run import EvalRequest, run_evaluation
-    from lorafit.options import check_options
+    from lorafit.api import evaluate
 
     try:
-        check_options(
-            {
-                "--precision": ("train.precision", precision),
-                "--seq-len": ("train.seq_len", seq_len),
-                "--batch-size": ("options.eval_batch_size", batch_size),
-                "--max-blocks": ("options.max_blocks", max_blocks),
-                "--task-max-examples": ("eval.task_max_examples", task_max_examples),
-                "--max-new-tokens": ("eval.max_new_tokens", max_new_tokens),
-                "--task-max-new-tokens": ("eval.task_max_new_tokens", task_max_new_tokens),
-            }
-        )
-        if not adapter and base is None:
-            raise UsageError("Name at least one --adapter (or --base alone to evaluate a base model).")
-        prompt_lines: list[str] = []
-        if prompts is not None:
-            prompt_lines = read_prompt_lines(prompts)
-        request = EvalRequest(
-            out=out,
-            adapters=list(adapter or []),
+        result = evaluate(
+            list(adapter or []),
+            out,
             base=base,
-            domain=[str(p) for p in domain or []],
-            general=[] if no_general else list(general or [GENERAL_SAMPLE]),
-            tasks=[str(p) for p in tasks or []],
-            prompts=prompt_lines,
+            domain=domain,
+            general=general,
+            no_general=no_general,
+            tasks=tasks,
+            prompts=read_prompt_lines(prompts) if prompts is not None else None,
             seq_len=seq_len,
             batch_size=batch_size,
             max_blocks=max_blocks,
@@ -99,8 +93,8 @@ def evaluate_models(
             precision=precision,
             allow_base_mismatch=allow_base_mismatch,
             overwrite=overwrite,
+            console=console,
         )
-        result = run_evaluation(request, console)
     except LorafitError as exc:
         _fail(exc)
         return
@@ -123,7 +117,7 @@ def read_prompt_lines(path: Path) -> list[str]:
 
 def print_report(report: dict) -> None:
     """The report's tables in the terminal (the same rows as report.md)."""
-    from lorafit.evaluate.report import cost_rows, headline, quality_rows
+    from lorafit.evaluation.report import cost_rows, headline, quality_rows
 
     names = [m["name"] for m in report["models"]]
     for title, rows in (("quality", quality_rows(report)), ("cost", cost_rows(report))):

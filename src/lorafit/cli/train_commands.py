@@ -35,13 +35,11 @@ def train(
     ] = False,
 ) -> None:
     """Train a LoRA adapter: measure validation perplexity, train, measure again, save."""
-    from lorafit.config import load_config
-    from lorafit.train.run import run_training
+    from lorafit.api import train as train_run
 
     try:
-        run_config = load_config(config, set_ or [])
-        result = run_training(
-            run_config, out, overwrite=overwrite, console=console, resume=resume, ignore_changes=ignore_changes
+        result = train_run(
+            config, out, set_ or [], overwrite=overwrite, resume=resume, ignore_changes=ignore_changes, console=console
         )
     except LorafitError as exc:
         _fail(exc)

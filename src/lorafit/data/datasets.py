@@ -10,8 +10,8 @@ import numpy as np
 
 from lorafit.config import DataSection
 from lorafit.data.chat_template import ChatTemplate
-from lorafit.data.clean import exact_key
 from lorafit.data.decontaminate import excluded_ngrams, is_contaminated
+from lorafit.data.dedup import drop_exact_duplicates_by, drop_near_duplicates
 from lorafit.data.documents import Document, Problems, first_of
 from lorafit.data.examples import build_examples
 from lorafit.data.formats import Conversation, detect_file_format, field_names, read_conversations
@@ -80,29 +80,30 @@ def _read_text(paths: list[Path], data: DataSection, valid_ratio: float, prepare
     return prepared.train, prepared.valid, prepared.stats
 
 
-def _read_instructions(groups: dict[str, list[Path]], data: DataSection, problems: Problems) -> tuple[list, dict]:
+def _read_instructions(
+    groups: dict[str, list[Path]], data: DataSection, problems: Problems, decontaminate: bool = True
+) -> tuple[list, dict]:
+    """Instruction records of every non-text group, with the cleaning documents get: exact and
+    near-duplicates dropped (data.near_dup_threshold, on the messages' text), and — for training
+    data — records sharing a long n-gram with data.exclude."""
     fields = field_names(data.fields)
     conversations: list[Conversation] = []
     for fmt, paths in groups.items():
         if fmt != "text":
             conversations.extend(read_conversations(paths, fmt, fields, problems))
     records = len(conversations)
-    seen: set[str] = set()
-    unique = []
-    for conversation in conversations:
-        key = exact_key(repr(conversation.messages))
-        if key not in seen:
-            seen.add(key)
-            unique.append(conversation)
+    unique, exact = drop_exact_duplicates_by(conversations, lambda c: repr(c.messages))
+    unique, near = drop_near_duplicates(unique, data.near_dup_threshold)
     contaminated = 0
-    if data.exclude:
+    if decontaminate and data.exclude:
         banned = excluded_ngrams(data.exclude, data.exclude_ngram)
         kept = [c for c in unique if not is_contaminated(c.text, banned, data.exclude_ngram)]
         contaminated, unique = len(unique) - len(kept), kept
     stats = {
         "records_in": records + problems.count("invalid_record"),
         "invalid_records": problems.count("invalid_record"),
-        "exact_duplicates": records - len(seen),
+        "exact_duplicates": exact,
+        "near_duplicates": near,
         "contaminated": contaminated,
     }
     return unique, stats
@@ -180,27 +181,41 @@ def resample_blocks(blocks: PackedBlocks, count: int, seed: int = 0) -> PackedBl
     )
 
 
+def _pack_document_text(documents: list[Document], tokenizer, seq_len: int, keep_tail: bool):
+    """Documents tokenized (cached) and cut into EOS-separated blocks; (blocks or None, token ids)."""
+    ids = tokenize_cached([d.text for d in documents], tokenizer)
+    return (pack_documents(ids, tokenizer.eos_token_id, seq_len, keep_tail=keep_tail) if ids else None), ids
+
+
 def _pack_text(documents: RunDocuments, tokenizer, seq_len: int, stats: dict):
-    train_ids = tokenize_cached([d.text for d in documents.train], tokenizer)
-    valid_ids = tokenize_cached([d.text for d in documents.valid], tokenizer)
     if not documents.train and not documents.valid:
         return None, None
+    train, train_ids = _pack_document_text(documents.train, tokenizer, seq_len, keep_tail=False)
+    valid, valid_ids = _pack_document_text(documents.valid, tokenizer, seq_len, keep_tail=True)
     stats.update(
         train_documents=len(documents.train),
         valid_documents=len(documents.valid),
         train_tokens=int(sum(len(ids) for ids in train_ids)),
         valid_tokens=int(sum(len(ids) for ids in valid_ids)),
     )
-    return (
-        pack_documents(train_ids, tokenizer.eos_token_id, seq_len) if train_ids else None,
-        pack_documents(valid_ids, tokenizer.eos_token_id, seq_len, keep_tail=True) if valid_ids else None,
-    )
+    return train, valid
+
+
+def _pack_conversations(conversations, tokenizer, seq_len: int, template, train_turns: str, problems):
+    """Examples with answer-only labels, packed whole; (blocks or None, the examples)."""
+    examples = build_examples(conversations, tokenizer, template, seq_len, train_turns, problems)
+    if not examples.input_ids:
+        return None, examples
+    return pack_examples(examples.input_ids, examples.labels, seq_len, pad_token_id(tokenizer)), examples
 
 
 def _pack_instructions(documents: RunDocuments, tokenizer, seq_len: int, template, train_turns, stats, problems):
-    pad_id = pad_token_id(tokenizer)
-    train = build_examples(documents.train_conversations, tokenizer, template, seq_len, train_turns, problems)
-    valid = build_examples(documents.valid_conversations, tokenizer, template, seq_len, train_turns, problems)
+    packed_train, train = _pack_conversations(
+        documents.train_conversations, tokenizer, seq_len, template, train_turns, problems
+    )
+    packed_valid, valid = _pack_conversations(
+        documents.valid_conversations, tokenizer, seq_len, template, train_turns, problems
+    )
     instructions = stats.setdefault("instructions", {})
     instructions.update(
         train_examples=train.stats["examples"],
@@ -213,15 +228,10 @@ def _pack_instructions(documents: RunDocuments, tokenizer, seq_len: int, templat
         valid_answer_tokens=valid.stats["answer_tokens"],
         chat_template=template.origin,
     )
-    packed_train = pack_examples(train.input_ids, train.labels, seq_len, pad_id) if train.input_ids else None
     if packed_train is not None:
         # Share of block tokens that are real (not padding): best-fit packing keeps this near 1.
         instructions["packing_efficiency"] = round(train.stats["tokens"] / packed_train.input_ids.size, 4)
-    return (
-        packed_train,
-        pack_examples(valid.input_ids, valid.labels, seq_len, pad_id) if valid.input_ids else None,
-        train.sources,
-    )
+    return packed_train, packed_valid, train.sources
 
 
 def pack_run_documents(
@@ -277,7 +287,7 @@ def _join(text: PackedBlocks | None, instructions: PackedBlocks | None) -> Packe
 
 
 GENERAL_SAMPLE = "builtin"  # eval.general's default: the general-English sample shipped with lorafit
-GENERAL_SAMPLE_FILE = Path(__file__).resolve().parents[1] / "evaluate" / "general_english.jsonl"
+GENERAL_SAMPLE_FILE = Path(__file__).resolve().parent / "general_english.jsonl"
 
 
 def eval_files(paths: list[str]) -> list[Path]:
@@ -303,15 +313,9 @@ def load_eval_blocks(
     data = data.model_copy(update={"format": "auto"})
     groups = _group_by_format(eval_files(paths), data, formats)
     text = conversations = None
-    if "text" in groups:
-        files = groups["text"]
-        if all(path.suffix.lower() in RECORD_SUFFIXES for path in files):
-            documents, _ = load_prepared_jsonl(files, data.text_field, problems)
-        else:
-            documents = prepare_documents(files, _options(data, 0.0)).train
-        if documents:
-            ids = tokenize_cached([d.text for d in documents], tokenizer)
-            text = pack_documents(ids, tokenizer.eos_token_id, seq_len, keep_tail=True)
+    if "text" in groups:  # read and cleaned as training text is, none held out
+        documents = _read_text(groups["text"], data, 0.0, None, problems)[0]
+        text = _pack_document_text(documents, tokenizer, seq_len, keep_tail=True)[0]
     if any(fmt != "text" for fmt in groups):
         if template is None:
             instruction_files = [f for fmt, files in groups.items() if fmt != "text" for f in files]
@@ -319,17 +323,9 @@ def load_eval_blocks(
                 f"{instruction_files[0]}: instruction records where plain text is expected (a text-only run has "
                 "no chat template to render them); use JSONL 'text' records or documents."
             )
-        fields = field_names(data.fields)
-        records = [
-            record
-            for fmt, files in groups.items()
-            if fmt != "text"
-            for record in read_conversations(files, fmt, fields, problems)
-        ]
-        examples = build_examples(records, tokenizer, template, seq_len, "all", problems)
-        if examples.input_ids:
-            pad_id = pad_token_id(tokenizer)
-            conversations = pack_examples(examples.input_ids, examples.labels, seq_len, pad_id)
+        # Deduplicated like training records; not decontaminated (these are the evaluation sets).
+        records = _read_instructions(groups, data, problems, decontaminate=False)[0]
+        conversations = _pack_conversations(records, tokenizer, seq_len, template, "all", problems)[0]
     blocks = _join(text, conversations)
     if blocks is None or len(blocks) == 0:
         raise DataError(

@@ -2,25 +2,32 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from datasketch import MinHash, MinHashLSH
 
 from lorafit.data.clean import exact_key
-from lorafit.data.documents import Document
+from lorafit.data.documents import Item
 from lorafit.data.words import ngrams, word_units
 
 SHINGLE_UNITS = 5
 NUM_PERM = 128
 
 
-def drop_exact_duplicates(documents: list[Document]) -> tuple[list[Document], int]:
+def drop_exact_duplicates(documents: list[Item]) -> tuple[list[Item], int]:
+    return drop_exact_duplicates_by(documents, lambda doc: doc.text)
+
+
+def drop_exact_duplicates_by(items: list[Item], text_of: Callable[[Item], str]) -> tuple[list[Item], int]:
+    """Keep the first of items whose normalised `text_of` is equal."""
     seen: set[str] = set()
     kept = []
-    for doc in documents:
-        key = exact_key(doc.text)
+    for item in items:
+        key = exact_key(text_of(item))
         if key not in seen:
             seen.add(key)
-            kept.append(doc)
-    return kept, len(documents) - len(kept)
+            kept.append(item)
+    return kept, len(items) - len(kept)
 
 
 def minhash_of(text: str, num_perm: int = NUM_PERM) -> MinHash:
@@ -30,8 +37,10 @@ def minhash_of(text: str, num_perm: int = NUM_PERM) -> MinHash:
     return signature
 
 
-def drop_near_duplicates(documents: list[Document], threshold: float) -> tuple[list[Document], int]:
+def drop_near_duplicates(documents: list[Item], threshold: float) -> tuple[list[Item], int]:
     """Keep the first of each group of documents whose estimated Jaccard similarity >= threshold."""
+    if threshold >= 1.0:  # only equal shingle sets (LSH cannot band for a threshold of 1)
+        return drop_exact_duplicates_by(documents, lambda doc: minhash_of(doc.text).hashvalues.tobytes().hex())
     lsh = MinHashLSH(threshold=threshold, num_perm=NUM_PERM)
     signatures: dict[str, MinHash] = {}
     kept = []

@@ -3,6 +3,17 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Protocol, TypeVar
+
+
+class HasText(Protocol):
+    """A document, or an instruction example (its messages' text): what splitting and dedup read."""
+
+    @property
+    def text(self) -> str: ...
+
+
+Item = TypeVar("Item", bound=HasText)
 
 
 @dataclass

@@ -7,6 +7,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from lorafit.config import DataSection
 from lorafit.data.clean import normalize_text
 from lorafit.data.decontaminate import drop_contaminated, excluded_ngrams
 from lorafit.data.dedup import drop_exact_duplicates, drop_near_duplicates
@@ -21,14 +22,19 @@ log = logging.getLogger(__name__)
 REMOVAL_REASONS = ("empty", "too_short", "exact_duplicate", "near_duplicate", "contaminated", "unreadable")
 
 
+_DATA = DataSection()  # the defaults
+
+
 @dataclass
 class PrepareOptions:
-    text_field: str = "text"
-    min_chars: int = 200
-    near_dup_threshold: float = 0.8
-    valid_ratio: float = 0.1
+    """How `prepare` cleans and splits; the defaults are data's config keys' (one source)."""
+
+    text_field: str = _DATA.text_field
+    min_chars: int = _DATA.min_chars
+    near_dup_threshold: float = _DATA.near_dup_threshold
+    valid_ratio: float = _DATA.valid_ratio
     exclude: list[str] = field(default_factory=list)
-    exclude_ngram: int = 13
+    exclude_ngram: int = _DATA.exclude_ngram
     # How advice names a setting: config keys by default; `lorafit prepare` maps them to its options.
     setting_names: dict[str, str] = field(default_factory=dict)
 

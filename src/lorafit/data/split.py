@@ -3,17 +3,9 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Protocol, TypeVar
 
 from lorafit.data.clean import exact_key
-
-
-class HasText(Protocol):
-    @property
-    def text(self) -> str: ...
-
-
-Item = TypeVar("Item", bound=HasText)
+from lorafit.data.documents import HasText, Item
 
 
 def split_position(item: HasText) -> float:

@@ -23,9 +23,9 @@ from lorafit.compute.loss import target_count
 from lorafit.compute.perplexity import LossResult
 from lorafit.config import TrainSection
 from lorafit.errors import LorafitError
-from lorafit.train import faults
-from lorafit.train.progress import training_task
-from lorafit.train.schedule import learning_rate, warmup_steps_for
+from lorafit.training import faults
+from lorafit.training.progress import training_task
+from lorafit.training.schedule import learning_rate, warmup_steps_for
 
 log = logging.getLogger(__name__)
 

@@ -334,7 +334,7 @@ def render_html(report: dict, plots: dict[str, str]) -> str:
 
 def write_report(out_dir: Path, report: dict) -> dict[str, Path]:
     """report.json, report.md and report.html in `out_dir` (each written atomically)."""
-    from lorafit.evaluate.plots import report_plots
+    from lorafit.evaluation.plots import report_plots
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)

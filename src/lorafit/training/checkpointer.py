@@ -13,7 +13,7 @@ import torch
 from lorafit.artifacts import RunFolder
 from lorafit.config import TrainSection
 from lorafit.errors import LorafitError, UsageError
-from lorafit.train.checkpoint import (
+from lorafit.training.checkpoint import (
     changed_fingerprints,
     find_checkpoint,
     list_checkpoints,
@@ -21,8 +21,8 @@ from lorafit.train.checkpoint import (
     newest_readable,
     save_checkpoint,
 )
-from lorafit.train.loop import LoopState, UnstableTrainingError
-from lorafit.train.run_folder import keep_metrics_up_to, metrics_line_count
+from lorafit.training.loop import LoopState, UnstableTrainingError
+from lorafit.training.run_folder import keep_metrics_up_to, metrics_line_count
 
 
 @dataclass

@@ -5,24 +5,25 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from lorafit.artifacts import RunFolder
 from lorafit.config import RunConfig
 from lorafit.data.pack import PackedBlocks
 from lorafit.errors import UsageError
 from lorafit.io import write_text_atomic
 from lorafit.outputs import KINDS, check_output_folder, mark_output_folder, recognise, remove_own_entries
-from lorafit.train.checkpoint import list_checkpoints
+from lorafit.training.checkpoint import list_checkpoints
 
 # Kept when a run starts over: documents prepared on the fly, which the new run writes again.
 REPREPARED = ("data",)
 
 
 def _newest_checkpoint(out_dir: Path) -> Path | None:
-    found = list_checkpoints(out_dir / "checkpoints")
+    found = list_checkpoints(RunFolder(out_dir).checkpoints)
     return found[-1] if found else None
 
 
 def _finished(out_dir: Path) -> bool:
-    return (out_dir / "summary.json").is_file()
+    return RunFolder(out_dir).finished()
 
 
 def check_run_folder(out_dir: Path, overwrite: bool, resuming: bool) -> None:
@@ -31,7 +32,7 @@ def check_run_folder(out_dir: Path, overwrite: bool, resuming: bool) -> None:
     (or --resume), and --resume where there is no run. A run that stopped before its first
     checkpoint is restartable as it is: nothing in it is worth keeping."""
     if resuming:
-        if not (out_dir / "config.yaml").is_file():
+        if not RunFolder(out_dir).config.is_file():
             raise UsageError(f"--resume: {out_dir} holds no run to resume; check --out.")
         return
     if out_dir.is_dir() and recognise(out_dir) == "run" and not overwrite:
@@ -60,7 +61,7 @@ def claim_run_folder(out_dir: Path, resume: str | None, console) -> bool:
         resuming = False
     if resuming:
         return True
-    if (out_dir / "config.yaml").is_file() and not _finished(out_dir) and _newest_checkpoint(out_dir) is None:
+    if RunFolder(out_dir).config.is_file() and not _finished(out_dir) and _newest_checkpoint(out_dir) is None:
         console.print(f"[yellow]{out_dir}: the earlier attempt stopped before its first checkpoint; starting over[/]")
     mark_output_folder(out_dir, "run")
     # An old run's outputs are not ours: a different method or init would leave stale ones beside ours.

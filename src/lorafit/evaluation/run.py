@@ -32,7 +32,7 @@ from lorafit.data.datasets import GENERAL_SAMPLE, load_eval_blocks, load_run_doc
 from lorafit.data.documents import Problems, print_problems
 from lorafit.data.pack import PackedBlocks
 from lorafit.errors import DataError, UsageError
-from lorafit.evaluate.core import (
+from lorafit.evaluation.core import (
     EvalInputs,
     MeasuredModel,
     choose_prompts,
@@ -40,12 +40,13 @@ from lorafit.evaluate.core import (
     measure_model,
     task_answer_rows,
 )
-from lorafit.evaluate.report import read_curves, training_cost, write_report
-from lorafit.evaluate.tasks import load_task_records
+from lorafit.evaluation.report import read_curves, training_cost, write_report
+from lorafit.evaluation.tasks import load_task_records
 from lorafit.io import write_json_atomic
 from lorafit.model.attention import use_block_causal_attention
 from lorafit.model.device import autocast_context, compute_dtype, default_device, resolve_precision
 from lorafit.model.load import check_seq_len, load_causal_lm, load_model_config, load_tokenizer, resolve_base
+from lorafit.options import default_of
 from lorafit.outputs import check_output_folder, output_folder
 
 GENERATION_PROMPTS = 3  # sampled from the task records when no prompts are given
@@ -63,11 +64,11 @@ class EvalRequest:
     tasks: list[str] = field(default_factory=list)
     prompts: list[str] = field(default_factory=list)
     seq_len: int | None = None
-    batch_size: int = 8
-    max_blocks: int = 0
-    task_max_examples: int = 0
-    max_new_tokens: int = 48
-    task_max_new_tokens: int = 128
+    batch_size: int = default_of("options.eval_batch_size")
+    max_blocks: int = default_of("options.max_blocks")
+    task_max_examples: int = default_of("eval.task_max_examples")
+    max_new_tokens: int = default_of("eval.max_new_tokens")
+    task_max_new_tokens: int = default_of("eval.task_max_new_tokens")
     precision: str | None = None  # None: the run's train.precision ('auto' without a run)
     allow_base_mismatch: bool = False
     seed: int = 0

@@ -22,7 +22,7 @@ from lorafit.data.formats import Conversation, field_names, read_conversations
 from lorafit.data.readers import find_files
 from lorafit.data.tokenize import pad_token_id
 from lorafit.errors import DataError
-from lorafit.evaluate.metrics import answer_metrics
+from lorafit.evaluation.metrics import answer_metrics
 
 
 def load_task_records(paths: list[str], data: DataSection, problems: Problems) -> list[Conversation]:

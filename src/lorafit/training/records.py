@@ -9,11 +9,11 @@ from lorafit.artifacts import AdapterRecord, BaseModelRecord, RunFolder, RunSumm
 from lorafit.compute.perplexity import LossResult
 from lorafit.config import EvalSection, RunConfig
 from lorafit.data.formats import Conversation
-from lorafit.evaluate.core import MeasuredModel, evaluation_report, task_answer_rows
-from lorafit.evaluate.report import write_report
+from lorafit.evaluation.core import MeasuredModel, evaluation_report, task_answer_rows
+from lorafit.evaluation.report import write_report
 from lorafit.model.load import tokenizer_identity
-from lorafit.train.inputs import RunInputs
-from lorafit.train.loop import LoopState
+from lorafit.training.inputs import RunInputs
+from lorafit.training.loop import LoopState
 
 
 def _change_percent(after: float, before: float) -> float:

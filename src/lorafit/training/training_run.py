@@ -20,21 +20,22 @@ from lorafit.adapters.save import folder_bytes, save_adapter, save_full_model, s
 from lorafit.artifacts import BaseModelRecord, RunFolder, RunSummary
 from lorafit.compute.objective import CausalLMObjective
 from lorafit.compute.perplexity import LossResult, evaluate_loss
-from lorafit.config import RunConfig, config_to_yaml
+from lorafit.config import RunConfig
+from lorafit.config_files import config_to_yaml
 from lorafit.errors import TrainingInterruptedError
-from lorafit.evaluate.core import MeasuredModel, measure_model
-from lorafit.evaluate.report import read_curves, training_cost
+from lorafit.evaluation.core import MeasuredModel, measure_model
+from lorafit.evaluation.report import read_curves, training_cost
 from lorafit.integrity import read_json_file
 from lorafit.io import append_jsonl, write_json_atomic, write_text_atomic
 from lorafit.model.device import autocast_context, compute_dtype, default_device, peak_rss_mb, resolve_precision
 from lorafit.model.load import weights_fingerprint
 from lorafit.model.lora import changes_base_weights, optimizer_groups
 from lorafit.model.prepare import prepare_trainable_model
-from lorafit.train import faults
-from lorafit.train.checkpointer import Checkpointer
-from lorafit.train.guards import StopRequests
-from lorafit.train.inputs import describe_data, prepare_run_inputs
-from lorafit.train.loop import (
+from lorafit.training import faults
+from lorafit.training.checkpointer import Checkpointer
+from lorafit.training.guards import StopRequests
+from lorafit.training.inputs import describe_data, prepare_run_inputs
+from lorafit.training.loop import (
     LoopEngine,
     LoopHooks,
     LoopState,
@@ -43,8 +44,8 @@ from lorafit.train.loop import (
     restore_trainable,
     train_loop,
 )
-from lorafit.train.progress import training_progress
-from lorafit.train.records import (
+from lorafit.training.progress import training_progress
+from lorafit.training.records import (
     adapter_record,
     add_general,
     generation_rows,
@@ -52,7 +53,7 @@ from lorafit.train.records import (
     task_table,
     write_run_report,
 )
-from lorafit.train.run_folder import input_fingerprints, metrics_line_count
+from lorafit.training.run_folder import input_fingerprints, metrics_line_count
 
 EVA_INIT_BLOCKS = 64  # training blocks shown to the data-driven EVA init
 
@@ -77,7 +78,7 @@ class RunProgress:
 
 @dataclass
 class RunResult:
-    """What `lorafit train` (and `lorafit.train`) returns: the run folder, its summary.json as a
+    """What `lorafit train` (and `lorafit.training`) returns: the run folder, its summary.json as a
     dict, the saved adapter/ (or model/) and report.html (None when not written)."""
 
     out_dir: Path

@@ -20,8 +20,8 @@ from lorafit.compute.perplexity import LossResult, evaluate_loss
 from lorafit.data.chat_template import ChatTemplate, render_prompt
 from lorafit.data.formats import Conversation
 from lorafit.data.pack import PackedBlocks
-from lorafit.evaluate.report import ModelEvaluation, blocks_info, build_report, general_files
-from lorafit.evaluate.tasks import score_model
+from lorafit.evaluation.report import ModelEvaluation, blocks_info, build_report, general_files
+from lorafit.evaluation.tasks import score_model
 
 PROMPTS_SHOWN = 3  # generations side by side when no prompts are given
 

@@ -1,6 +1,6 @@
 """Checkpoints that resume exactly: trainable weights, optimizer, loop state, data position, RNGs.
 
-A checkpoint is a folder `OUT/checkpoints/step-N/`, written to a temporary name, fsynced and renamed,
+A checkpoint is a folder `OUT/checkpoints/step-N/`, written to a temporary name, fsynced and renamed
 so a crash (even SIGKILL) leaves the previous checkpoints intact and never a half-written one:
 
     trainable.safetensors   trainable parameters (the LoRA weights), by name
@@ -13,11 +13,9 @@ so a crash (even SIGKILL) leaves the previous checkpoints intact and never a hal
 
 from __future__ import annotations
 
-import os
 import random
 import re
 import shutil
-import tempfile
 from dataclasses import dataclass, fields
 from pathlib import Path
 
@@ -27,18 +25,11 @@ from safetensors.torch import load_file, save_file
 
 from lorafit.errors import UsageError
 from lorafit.integrity import DamagedFileError, check_safetensors, read_json_file
-from lorafit.io import staging_prefix, to_json
-from lorafit.outputs import sweep_stale
-from lorafit.train.loop import LoopState, restore_trainable, trainable_state
+from lorafit.io import to_json
+from lorafit.outputs import write_folder_atomically
+from lorafit.training.loop import LoopState, restore_trainable, trainable_state
 
 _STEP_DIR = re.compile(r"^step-(\d+)$")
-
-
-def _fsync_tree(folder: Path) -> None:
-    for path in folder.rglob("*"):
-        if path.is_file():
-            with path.open("rb") as handle:
-                os.fsync(handle.fileno())
 
 
 def rng_state() -> dict:
@@ -68,28 +59,23 @@ def save_checkpoint(
     """Write checkpoint `root/step-N` atomically and keep only the newest `keep` of them.
     `record` (JSON) holds at least the data `position` and the input `fingerprints`."""
     root.mkdir(parents=True, exist_ok=True)
-    target = root / f"step-{state.step}"
-    sweep_stale(root)  # a checkpoint half-written by a killed process
-    staging = Path(tempfile.mkdtemp(prefix=staging_prefix(f"step-{state.step}"), dir=root))
-    try:
-        save_file(trainable_state(model), str(staging / "trainable.safetensors"))
+
+    def write(folder: Path) -> None:
+        save_file(trainable_state(model), str(folder / "trainable.safetensors"))
         if state.best_trainable is not None:
-            save_file({k: v.contiguous() for k, v in state.best_trainable.items()}, str(staging / "best.safetensors"))
-        torch.save(optimizer.state_dict(), staging / "optimizer.pt")
-        torch.save(rng_state(), staging / "rng.pt")
+            save_file({k: v.contiguous() for k, v in state.best_trainable.items()}, str(folder / "best.safetensors"))
+        torch.save(optimizer.state_dict(), folder / "optimizer.pt")
+        torch.save(rng_state(), folder / "rng.pt")
         # The best weights have their own file; an interruption belongs to this process only.
         loop = {
             f.name: getattr(state, f.name) for f in fields(state) if f.name not in ("best_trainable", "interrupted_by")
         }
-        (staging / "state.json").write_text(to_json({"loop": loop, **record}, indent=2))
+        (folder / "state.json").write_text(to_json({"loop": loop, **record}, indent=2))
         if save_adapter_to is not None:
-            save_adapter_to(staging / "adapter")
-        _fsync_tree(staging)
-        if target.exists():
-            shutil.rmtree(target)
-        os.rename(staging, target)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+            save_adapter_to(folder / "adapter")
+
+    # Staged, fsynced and renamed: a crash (even SIGKILL) leaves the previous checkpoints whole.
+    target = write_folder_atomically(root / f"step-{state.step}", write)
     for old in list_checkpoints(root)[:-keep] if keep > 0 else []:
         shutil.rmtree(old, ignore_errors=True)
     return target

@@ -10,10 +10,10 @@ from lorafit.artifacts import RunFolder
 from lorafit.config import RunConfig
 from lorafit.errors import TrainingInterruptedError
 from lorafit.outputs import output_folder
-from lorafit.train.checkpoint import list_checkpoints
-from lorafit.train.guards import StopRequests
-from lorafit.train.run_folder import REPREPARED, check_run_folder, claim_run_folder
-from lorafit.train.training_run import RunResult, TrainingRun
+from lorafit.training.checkpoint import list_checkpoints
+from lorafit.training.guards import StopRequests
+from lorafit.training.run_folder import REPREPARED, check_run_folder, claim_run_folder
+from lorafit.training.training_run import RunResult, TrainingRun
 
 __all__ = ["RunResult", "run_training"]
 

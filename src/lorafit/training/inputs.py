@@ -16,8 +16,8 @@ from lorafit.data.chat_template import ChatTemplate, resolve_chat_template
 from lorafit.data.datasets import RunBlocks, RunDocuments, load_eval_blocks, load_run_documents, pack_run_documents
 from lorafit.data.documents import Problems, print_problems
 from lorafit.errors import DataError
-from lorafit.evaluate.core import EvalInputs, choose_prompts
-from lorafit.evaluate.tasks import load_task_records
+from lorafit.evaluation.core import EvalInputs, choose_prompts
+from lorafit.evaluation.tasks import load_task_records
 from lorafit.model.load import BaseModelRef, check_seq_len, load_model_config, load_tokenizer, resolve_base
 from lorafit.model.quantize import check_quantization
 

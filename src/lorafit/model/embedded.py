@@ -10,15 +10,11 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import logging
-import os
-import shutil
-import tempfile
 from pathlib import Path
 
 from lorafit.errors import ModelError
 from lorafit.home import lorafit_home
-from lorafit.io import staging_prefix
-from lorafit.outputs import cache_lock, sweep_stale
+from lorafit.outputs import cache_lock, write_folder_atomically
 
 log = logging.getLogger(__name__)
 
@@ -104,13 +100,11 @@ def cached_gguf_folder(gguf_path: Path, name: str) -> Path:
     with cache_lock(models / f".{target.name}.lock"):
         if (target / "config.json").is_file():
             return target
-        sweep_stale(models)
         log.info("Converting %s to a cached model folder (once)...", gguf_path.name)
-        staging = Path(tempfile.mkdtemp(prefix=staging_prefix(target.name), dir=models))
-        os.chmod(staging, 0o755)
-        try:
+
+        def convert(folder: Path) -> None:
             try:
-                convert_gguf_to_folder(gguf_path, staging)
+                convert_gguf_to_folder(gguf_path, folder)
             except ModelError:
                 raise
             except Exception as exc:  # the GGUF parser and converter raise many kinds on a damaged file
@@ -118,10 +112,9 @@ def cached_gguf_folder(gguf_path: Path, name: str) -> Path:
                     f"{gguf_path}: cannot be read as a GGUF model ({exc}); the file is truncated or damaged, or "
                     "holds a model transformers cannot convert."
                 ) from None
-            (staging / "lorafit_source.txt").write_text(f"{gguf_path}\nsha256 {digest}\n")
-            os.rename(staging, target)
-        finally:
-            shutil.rmtree(staging, ignore_errors=True)
+            (folder / "lorafit_source.txt").write_text(f"{gguf_path}\nsha256 {digest}\n")
+
+        write_folder_atomically(target, convert)
     return target
 
 

@@ -24,9 +24,11 @@ def linear_module_names(model: torch.nn.Module) -> list[str]:
 
 
 def _matches_suffix(key: str, names: Iterable[str]) -> bool:
-    """PEFT's rule for rank_pattern/alpha_pattern keys: the key matches the end of a module name."""
-    pattern = re.compile(rf"(.*\.)?({key})$")
-    return any(pattern.match(name) for name in names)
+    """PEFT's rule for rank_pattern/alpha_pattern keys (the key matches the end of a module name),
+    by PEFT's own function: it returns the key that matched, else the name itself."""
+    from peft.utils.other import get_pattern_key
+
+    return any(get_pattern_key([key], name) == key for name in names)
 
 
 def check_lora_against_model(model: torch.nn.Module, lora: LoraSection) -> None:

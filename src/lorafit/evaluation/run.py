@@ -41,7 +41,7 @@ from lorafit.evaluation.core import (
     task_answer_rows,
 )
 from lorafit.evaluation.report import read_curves, training_cost, write_report
-from lorafit.evaluation.tasks import load_task_records
+from lorafit.evaluation.tasks import load_task_set
 from lorafit.io import write_json_atomic
 from lorafit.model.attention import use_block_causal_attention
 from lorafit.model.device import autocast_context, compute_dtype, default_device, resolve_precision
@@ -212,11 +212,7 @@ def _eval_inputs(
         if request.general
         else None
     )
-    records = load_task_records(request.tasks, data, problems) if request.tasks else []
-    if request.task_max_examples:
-        records = records[: request.task_max_examples]
-    if request.tasks and not records:
-        raise DataError(f"No usable task records in {', '.join(request.tasks)}; check --tasks.")
+    records = load_task_set(request.tasks, data, problems, request.task_max_examples, "--tasks")
     trained_on_instructions = any((m.record.data or {}).get("instructions") for m in trained)
     instruction_run = bool(config and (config.eval.tasks or trained_on_instructions))
     shown, fed = _prompts(request, records, domain, tokenizer, template, chat=bool(records) or instruction_run)

@@ -41,6 +41,21 @@ def load_task_records(paths: list[str], data: DataSection, problems: Problems) -
     return records
 
 
+def load_task_set(
+    paths: list[str], data: DataSection, problems: Problems, max_examples: int = 0, setting: str = "eval.tasks"
+) -> list[Conversation]:
+    """The task records of `paths` (none without paths), the first `max_examples` of them (0: all);
+    files that hold no usable record are refused, naming `setting`."""
+    if not paths:
+        return []
+    records = load_task_records(paths, data, problems)
+    if max_examples:
+        records = records[:max_examples]
+    if not records:
+        raise DataError(f"No usable task records in {', '.join(paths)}; check {setting}.")
+    return records
+
+
 @torch.no_grad()
 def choice_log_likelihoods(
     model, tokenizer, prompt: str, choices: list[str], device: torch.device, autocast=nullcontext

@@ -15,9 +15,8 @@ from lorafit.config import RunConfig
 from lorafit.data.chat_template import ChatTemplate, resolve_chat_template
 from lorafit.data.datasets import RunBlocks, RunDocuments, load_eval_blocks, load_run_documents, pack_run_documents
 from lorafit.data.documents import Problems, print_problems
-from lorafit.errors import DataError
 from lorafit.evaluation.core import EvalInputs, choose_prompts
-from lorafit.evaluation.tasks import load_task_records
+from lorafit.evaluation.tasks import load_task_set
 from lorafit.model.load import BaseModelRef, check_seq_len, load_model_config, load_tokenizer, resolve_base
 from lorafit.model.quantize import check_quantization
 
@@ -82,11 +81,7 @@ def prepare_run_inputs(config: RunConfig, folder: RunFolder, device: torch.devic
     print_problems(console, documents.problems.items, "summary.json")
 
     task_problems = Problems()
-    records = load_task_records(evaluation.tasks, config.data, task_problems) if evaluation.tasks else []
-    if evaluation.task_max_examples:
-        records = records[: evaluation.task_max_examples]
-    if evaluation.tasks and not records:
-        raise DataError(f"No usable task records in {', '.join(evaluation.tasks)}; check eval.tasks.")
+    records = load_task_set(evaluation.tasks, config.data, task_problems, evaluation.task_max_examples)
     print_problems(console, task_problems.items, "tasks.json")
     general = (
         load_eval_blocks(evaluation.general, config.data, tokenizer, train.seq_len, template)

@@ -205,10 +205,8 @@ class TrainingRun:
         records = self.inputs.evaluation.records
         if records:
             self.console.print(f"scoring the base model on {len(records)} task records...")
-        base = measure_model(
-            self.tuned_model, self.objective, "base", "base", self.base_record.path, self.inputs.evaluation,
-            self._base_cost(), domain_measured=before,
-        )  # fmt: skip
+        path, evaluation, cost = self.base_record.path, self.inputs.evaluation, self._base_cost()
+        base = measure_model(self.tuned_model, self.objective, "base", "base", path, evaluation, cost, None, before)
         write_json_atomic(self.folder.base_outputs, base.outputs)
         self._keep_base(base)
 
@@ -308,7 +306,7 @@ class TrainingRun:
             return RunResult(self.folder.root, summary.to_json(), summary)
         saved = self._save(summary)
         summary.saved_to, summary.saved_bytes = str(saved), folder_bytes(saved)
-        tuned = self._measure_trained(after, saved, summary)
+        tuned = self._measure_trained(after, saved)
         add_general(summary, base.evaluation.general, tuned.evaluation.general)
         self._write_records(summary, base, tuned)
         return RunResult(self.folder.root, summary.to_json(), summary)
@@ -333,15 +331,13 @@ class TrainingRun:
             return save_full_model(self.tuned_model, self.inputs.tokenizer, self.folder.model, record)
         return save_adapter(self.tuned_model, self.folder.adapter, record, self.initial_adapter)
 
-    def _measure_trained(self, after: LossResult, saved: Path, summary: RunSummary) -> MeasuredModel:
+    def _measure_trained(self, after: LossResult, saved: Path) -> MeasuredModel:
         method = self.trainable.method
         if self.inputs.evaluation.records:
             self.console.print(f"scoring the {method} model on {len(self.inputs.evaluation.records)} task records...")
-        tuned = measure_model(
-            self.tuned_model, self.objective, "adapter" if method == "lora" else "full fine-tune", method,
-            str(saved), self.inputs.evaluation, {}, domain_measured=after,
-        )  # fmt: skip
-        return tuned
+        name = "adapter" if method == "lora" else "full fine-tune"
+        evaluation = self.inputs.evaluation
+        return measure_model(self.tuned_model, self.objective, name, method, str(saved), evaluation, {}, None, after)
 
     def _write_records(self, summary: RunSummary, base: MeasuredModel, tuned: MeasuredModel) -> None:
         """summary.json, tasks.json and the report, from the two measured sides."""

@@ -97,8 +97,8 @@ def test_an_adapter_recording_an_older_fingerprint_still_matches_its_base(tmp_pa
         json.dumps({"base_model": {**base, "weights_fingerprint": file_listing_fingerprint(ref)}})
     )
     located = locate_trained(str(adapter))
-    check_same_base(located, ref.name, weights_fingerprint(ref), ref)  # no refusal
+    check_same_base(located, ref, weights_fingerprint(ref))  # no refusal
 
     (adapter / "lorafit.json").write_text(json.dumps({"base_model": {**base, "weights_fingerprint": "0" * 16}}))
     with pytest.raises(UsageError, match="was trained on tiny"):
-        check_same_base(locate_trained(str(adapter)), ref.name, weights_fingerprint(ref), ref)
+        check_same_base(locate_trained(str(adapter)), ref, weights_fingerprint(ref))

@@ -5,9 +5,9 @@ prints) on bad input.
 
     import lorafit
     lorafit.prepare(["docs/"], out="data/prepared")
-    run = lorafit.training("configs/pydocs-demo.yaml", out="runs/demo", overrides={"train.max_steps": 20})
+    run = lorafit.train("configs/demo.yaml", out="runs/demo", overrides={"train.max_steps": 20})
     run.summary["valid_ppl_after"], run.adapter, run.report
-    lorafit.evaluation(["runs/demo"], out="reports/demo")
+    lorafit.evaluate(["runs/demo"], out="reports/demo")
     lorafit.merge("runs/demo", out="merged/demo")
     lorafit.export("runs/demo", out="demo.gguf")
     session = lorafit.AdapterSession({"demo": "runs/demo"})

@@ -18,15 +18,15 @@ from lorafit.integrity import read_json_file
 
 # Every entry a run writes into its folder (README: "A run folder holds"); `lorafit.outputs`
 # replaces exactly these on --overwrite, and nothing else a user keeps there.
+REPORT_FILES = ("report.json", "report.md", "report.html")  # what `lorafit eval` and a run write
+
 RUN_ENTRIES = (
     "config.yaml",
     "metrics.jsonl",
     "summary.json",
     "tasks.json",
     "base_outputs.json",
-    "report.json",
-    "report.md",
-    "report.html",
+    *REPORT_FILES,
     "checkpoints",
     "adapter",
     "adapter-init",
@@ -57,7 +57,7 @@ class RunFolder:
     report = property(lambda self: self.root / "report.html")
 
     def report_files(self) -> dict[str, Path]:
-        return {name: self.root / name for name in ("report.json", "report.md", "report.html")}
+        return {name: self.root / name for name in REPORT_FILES}
 
     def is_run(self) -> bool:
         return self.config.is_file() or self.summary.is_file()

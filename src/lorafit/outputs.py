@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from lorafit import __version__
-from lorafit.artifacts import RUN_ENTRIES
+from lorafit.artifacts import REPORT_FILES, RUN_ENTRIES
 from lorafit.errors import UsageError
 from lorafit.io import STAGING_PREFIX, UMASK, staging_prefix, write_json_atomic
 
@@ -110,7 +110,7 @@ KINDS = {
             + TOKENIZER_ENTRIES,
             _is_model,
         ),
-        OutputKind("report", "a report", ("report.json", "report.md", "report.html", "tasks.json"), _is_report),
+        OutputKind("report", "a report", (*REPORT_FILES, "tasks.json"), _is_report),
         OutputKind("prepared", "prepared data", ("train.jsonl", "valid.jsonl", "stats.json"), _is_prepared),
     )
 }

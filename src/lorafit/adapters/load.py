@@ -92,7 +92,7 @@ def locate_trained(spec: str) -> TrainedLocation:
     return TrainedLocation(name=name, kind=kind, path=path, run_dir=run_dir, record=record)
 
 
-def check_same_base(trained: TrainedLocation, base_name: str, base_fingerprint: str, base_ref=None) -> None:
+def check_same_base(trained: TrainedLocation, base_ref, base_fingerprint: str) -> None:
     """Refuse an adapter trained on other base weights than the ones loaded: it would load (same
     shapes) and quietly compute nonsense."""
     recorded = trained.record.base_model
@@ -100,18 +100,18 @@ def check_same_base(trained: TrainedLocation, base_name: str, base_fingerprint: 
     if theirs and base_fingerprint and not same_weights(theirs, base_fingerprint, base_ref):
         raise UsageError(
             f"{trained.name} ({trained.path}) was trained on {recorded.describe()} "
-            f"(weights {theirs}), but the base model loaded is {base_name} (weights {base_fingerprint}); pass "
+            f"(weights {theirs}), but the base model loaded is {base_ref.name} (weights {base_fingerprint}); pass "
             "--base with the model it was trained on, or --allow-base-mismatch to evaluate it anyway."
         )
 
 
-def same_weights(recorded: str, current: str, base_ref=None) -> bool:
+def same_weights(recorded: str, current: str, base_ref) -> bool:
     """Whether a recorded weights fingerprint names the weights loaded. One an older lorafit
     recorded (of the weight files' names and sizes, without the content prefix) is compared with
     the same kind of fingerprint, so its adapters still load on their own base."""
     from lorafit.model.load import CONTENT_PREFIX, file_listing_fingerprint
 
-    if recorded.startswith(CONTENT_PREFIX) or base_ref is None:
+    if recorded.startswith(CONTENT_PREFIX):
         return recorded == current
     return recorded == file_listing_fingerprint(base_ref)
 
@@ -131,7 +131,7 @@ def resolve_trained_base(trained: list[TrainedLocation], base: str | None, allow
     fingerprint = weights_fingerprint(ref)
     if not allow_mismatch:
         for item in trained:
-            check_same_base(item, ref.name, fingerprint, ref)
+            check_same_base(item, ref, fingerprint)
     return ref, fingerprint
 
 

@@ -320,11 +320,10 @@ def merge_adapter(
 
     from lorafit import __version__
     from lorafit.adapters.load import locate_trained, resolve_trained_base
-    from lorafit.adapters.save import write_folder_atomically
     from lorafit.artifacts import BaseModelRecord
     from lorafit.io import write_json_atomic
     from lorafit.model.load import load_tokenizer
-    from lorafit.outputs import check_output_folder
+    from lorafit.outputs import check_output_folder, write_folder_atomically
 
     if dtype not in DTYPES:
         raise UsageError(f"--dtype {dtype}: use one of {', '.join(DTYPES)}.")

@@ -17,7 +17,6 @@ import tempfile
 from pathlib import Path
 
 from lorafit.adapters.load import TrainedLocation, attach_adapter, locate_trained, resolve_trained_base
-from lorafit.adapters.save import write_folder_atomically
 from lorafit.artifacts import AdapterRecord, BaseModelRecord
 from lorafit.compute.generate import generation_mode, greedy_generate
 from lorafit.data.chat_template import ChatTemplate, render_prompt, resolve_chat_template
@@ -25,7 +24,7 @@ from lorafit.errors import UsageError
 from lorafit.io import write_json_atomic
 from lorafit.model.device import autocast_context, compute_dtype, default_device, resolve_precision
 from lorafit.model.load import load_causal_lm, load_tokenizer
-from lorafit.outputs import check_output_folder
+from lorafit.outputs import check_output_folder, write_folder_atomically
 
 BASE = "base"
 COMBINATIONS = ("cat", "linear", "svd")

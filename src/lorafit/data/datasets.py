@@ -152,6 +152,11 @@ def load_run_documents(data: DataSection, prepared_dir: Path | None) -> RunDocum
     )
 
 
+def validation_files(data: DataSection) -> list[str]:
+    """data.valid's files, or what stands for them: the split held out of data.train."""
+    return list(data.valid) or [f"validation split of {', '.join(data.train)}"]
+
+
 def first_problems(problems: Problems, shown: int = 3) -> str:
     """' (N records or files skipped: where: why; ...)' for an error that would otherwise hide why."""
     if not problems.items:

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from lorafit import __version__
-from lorafit.artifacts import RunSummary
+from lorafit.artifacts import REPORT_FILES, RunSummary
 from lorafit.compute.perplexity import LossResult
 from lorafit.data.datasets import GENERAL_SAMPLE
 from lorafit.data.pack import IGNORE_INDEX, PackedBlocks
@@ -29,7 +29,6 @@ TASK_METRICS = {
     "bleu": "BLEU",
     "mc_accuracy": "multiple-choice accuracy",
 }
-REPORT_FILES = ("report.json", "report.md", "report.html")
 
 
 @dataclass

@@ -28,7 +28,13 @@ from lorafit.compute.objective import CausalLMObjective
 from lorafit.compute.perplexity import evaluate_loss
 from lorafit.config import DataSection, RunConfig
 from lorafit.data.chat_template import resolve_chat_template
-from lorafit.data.datasets import GENERAL_SAMPLE, load_eval_blocks, load_run_documents, pack_run_documents
+from lorafit.data.datasets import (
+    GENERAL_SAMPLE,
+    load_eval_blocks,
+    load_run_documents,
+    pack_run_documents,
+    validation_files,
+)
 from lorafit.data.documents import Problems, print_problems
 from lorafit.data.pack import PackedBlocks
 from lorafit.errors import DataError, UsageError
@@ -48,8 +54,6 @@ from lorafit.model.device import autocast_context, compute_dtype, default_device
 from lorafit.model.load import check_seq_len, load_causal_lm, load_model_config, load_tokenizer, resolve_base
 from lorafit.options import default_of
 from lorafit.outputs import check_output_folder, output_folder
-
-GENERATION_PROMPTS = 3  # sampled from the task records when no prompts are given
 
 
 @dataclass
@@ -115,8 +119,7 @@ def _domain_blocks(
     except (DataError, OSError) as exc:
         raise DataError(f"The run's validation data cannot be read again ({exc}); pass --domain FILE.") from None
     blocks = pack_run_documents(documents, tokenizer, seq_len, template, config.data.train_turns)
-    files = list(config.data.valid) or [f"validation split of {', '.join(config.data.train)}"]
-    return blocks.valid, files
+    return blocks.valid, validation_files(config.data)
 
 
 def _prompts(

@@ -200,35 +200,38 @@ def weights_fingerprint(ref: BaseModelRef) -> str:
     for path in sorted(folder.glob("*.safetensors")):
         _hash_safetensors_sample(path, digest)
     for path in sorted(folder.glob("*.bin")):  # pickled weights: no tensor table; sample the file
-        _hash_byte_sample(path, 0, path.stat().st_size, digest)
-    config = folder / "config.json"
-    if config.is_file():
-        digest.update(json.dumps(json.loads(config.read_text()), sort_keys=True).encode())
+        with path.open("rb") as handle:
+            _hash_byte_sample(handle, 0, path.stat().st_size, digest)
+    _hash_config(folder, digest)
     return CONTENT_PREFIX + digest.hexdigest()[:16]
 
 
 def _hash_safetensors_sample(path: Path, digest) -> None:
-    try:
-        with path.open("rb") as handle:
+    with path.open("rb") as handle:
+        try:
             header_size = int.from_bytes(handle.read(8), "little")
             header = json.loads(handle.read(header_size))
-        entries = {k: (v["dtype"], v["shape"], v["data_offsets"]) for k, v in header.items() if k != "__metadata__"}
-    except (ValueError, TypeError, KeyError, MemoryError, OverflowError):
-        raise ModelError(f"{path}: the safetensors header cannot be read; the file is damaged.") from None
-    data_start = 8 + header_size
-    for name in sorted(entries):
-        dtype, shape, (begin, end) = entries[name]
-        digest.update(f"{name}:{dtype}:{shape}".encode())
-        _hash_byte_sample(path, data_start + begin, data_start + end, digest)
+            entries = {k: (v["dtype"], v["shape"], v["data_offsets"]) for k, v in header.items() if k != "__metadata__"}
+        except (ValueError, TypeError, KeyError, MemoryError, OverflowError):
+            raise ModelError(f"{path}: the safetensors header cannot be read; the file is damaged.") from None
+        data_start = 8 + header_size
+        for name in sorted(entries):
+            dtype, shape, (begin, end) = entries[name]
+            digest.update(f"{name}:{dtype}:{shape}".encode())
+            _hash_byte_sample(handle, data_start + begin, data_start + end, digest)
 
 
-def _hash_byte_sample(path: Path, begin: int, end: int, digest) -> None:
+def _hash_byte_sample(handle, begin: int, end: int, digest) -> None:
     size = end - begin
-    starts = sorted({begin, begin + max(0, size // 2 - SAMPLE_BYTES // 2), max(begin, end - SAMPLE_BYTES)})
-    with path.open("rb") as handle:
-        for start in starts:
-            handle.seek(start)
-            digest.update(handle.read(min(SAMPLE_BYTES, end - start)))
+    for start in sorted({begin, begin + max(0, size // 2 - SAMPLE_BYTES // 2), max(begin, end - SAMPLE_BYTES)}):
+        handle.seek(start)
+        digest.update(handle.read(min(SAMPLE_BYTES, end - start)))
+
+
+def _hash_config(folder: Path, digest) -> None:
+    config = folder / "config.json"
+    if config.is_file():
+        digest.update(json.dumps(json.loads(config.read_text()), sort_keys=True).encode())
 
 
 def file_listing_fingerprint(ref: BaseModelRef) -> str:
@@ -240,9 +243,7 @@ def file_listing_fingerprint(ref: BaseModelRef) -> str:
     digest = hashlib.sha256()
     for path in sorted(folder.glob("*.safetensors")) + sorted(folder.glob("*.bin")):
         digest.update(f"{path.name}:{path.stat().st_size}".encode())
-    config = folder / "config.json"
-    if config.is_file():
-        digest.update(json.dumps(json.loads(config.read_text()), sort_keys=True).encode())
+    _hash_config(folder, digest)
     return digest.hexdigest()[:16]
 
 

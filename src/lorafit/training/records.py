@@ -8,6 +8,7 @@ from pathlib import Path
 from lorafit.artifacts import AdapterRecord, BaseModelRecord, RunFolder, RunSummary
 from lorafit.compute.perplexity import LossResult
 from lorafit.config import EvalSection, RunConfig
+from lorafit.data.datasets import validation_files
 from lorafit.data.formats import Conversation
 from lorafit.evaluation.core import MeasuredModel, evaluation_report, task_answer_rows
 from lorafit.evaluation.report import write_report
@@ -118,12 +119,11 @@ def write_run_report(
     base: BaseModelRecord,
 ) -> dict[str, Path]:
     """report.json/md/html of [base, trained model], the same report `lorafit eval` writes."""
-    valid_files = list(config.data.valid) or [f"validation split of {', '.join(config.data.train)}"]
     report = evaluation_report(
         measured,
         inputs.evaluation,
         base_model=base.to_json(),
-        domain_files=valid_files,
+        domain_files=validation_files(config.data),
         general_paths=list(config.eval.general),
         task_files=list(config.eval.tasks),
         seq_len=config.train.seq_len,

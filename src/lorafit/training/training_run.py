@@ -73,17 +73,19 @@ class RunProgress:
     position: dict | None = None
     resumed_from: str | None = None
     base: MeasuredModel | None = None
-    base_outputs: dict | None = None  # None: a run resumed from an older lorafit kept none
 
 
 @dataclass
 class RunResult:
-    """What `lorafit train` (and `lorafit.training`) returns: the run folder, its summary.json as a
+    """What `lorafit train` (and `lorafit.train`) returns: the run folder, its summary.json as a
     dict, the saved adapter/ (or model/) and report.html (None when not written)."""
 
     out_dir: Path
-    summary: dict
-    run_summary: RunSummary | None = None
+    run_summary: RunSummary
+
+    @property
+    def summary(self) -> dict:
+        return self.run_summary.to_json()
 
     @property
     def folder(self) -> RunFolder:
@@ -218,18 +220,17 @@ class TrainingRun:
         before = LossResult(**record["before"])
         general = LossResult(**record["general_before"]) if record.get("general_before") else None
         outputs = read_json_file(self.folder.base_outputs) if self.folder.base_outputs.is_file() else None
-        base = MeasuredModel.from_parts("base", "base", self.base_record.path, before, general, outputs, {})
-        base.evaluation.cost = self._base_cost()
+        path, cost = self.base_record.path, self._base_cost()
+        base = MeasuredModel.from_parts("base", "base", path, before, general, outputs, cost)
         self.progress = RunProgress(resumed.state, resumed.position, str(resumed.checkpoint))
-        self._keep_base(base, outputs is not None)
+        self._keep_base(base)
         self.console.print(f"resuming from {resumed.checkpoint} (step {resumed.state.step})")
 
     def _base_cost(self) -> dict:
         return {"total_parameters": self.trainable.report.total}
 
-    def _keep_base(self, base: MeasuredModel, measured_outputs: bool = True) -> None:
+    def _keep_base(self, base: MeasuredModel) -> None:
         self.progress.base = base
-        self.progress.base_outputs = base.outputs if measured_outputs else None
         domain, general = base.evaluation.domain, base.evaluation.general
         self.checkpointer.base_record = {
             "before": {"nll_sum": domain.nll_sum, "tokens": domain.tokens},
@@ -303,13 +304,13 @@ class TrainingRun:
             },
         )
         if not self.accelerator.is_main_process:
-            return RunResult(self.folder.root, summary.to_json(), summary)
+            return RunResult(self.folder.root, summary)
         saved = self._save(summary)
         summary.saved_to, summary.saved_bytes = str(saved), folder_bytes(saved)
         tuned = self._measure_trained(after, saved)
         add_general(summary, base.evaluation.general, tuned.evaluation.general)
         self._write_records(summary, base, tuned)
-        return RunResult(self.folder.root, summary.to_json(), summary)
+        return RunResult(self.folder.root, summary)
 
     def _choose_weights(self, state: LoopState) -> LossResult:
         """Validate the end on the periodic validations' blocks; keep an earlier step's weights if
@@ -326,7 +327,6 @@ class TrainingRun:
 
     def _save(self, summary: RunSummary) -> Path:
         record = adapter_record(self.config, self.inputs, self.base_record, self.fingerprints, summary).to_json()
-        record.pop("lorafit_version")  # the savers stamp it first
         if self.trainable.method == "full":
             return save_full_model(self.tuned_model, self.inputs.tokenizer, self.folder.model, record)
         return save_adapter(self.tuned_model, self.folder.adapter, record, self.initial_adapter)
@@ -341,7 +341,8 @@ class TrainingRun:
 
     def _write_records(self, summary: RunSummary, base: MeasuredModel, tuned: MeasuredModel) -> None:
         """summary.json, tasks.json and the report, from the two measured sides."""
-        evaluation, base_outputs = self.inputs.evaluation, self.progress.base_outputs
+        # A run resumed from an older lorafit's checkpoint kept no base outputs: that side stays empty.
+        evaluation, base_outputs = self.inputs.evaluation, self.progress.base.outputs or None
         summary.generations = generation_rows(
             evaluation.shown_prompts, evaluation.fed_prompts, base_outputs, tuned.outputs
         )

@@ -39,5 +39,27 @@ if ! .venv/bin/python -c "import llama_cpp" >/dev/null 2>&1; then
     .venv/bin/python -m pip install --quiet --disable-pip-version-check -c constraints.txt diskcache
   fi
 fi
+# The model-family tests use llama.cpp's own files as outside references: the vocab-only GGUFs of
+# Llama 2/3, Qwen and Phi-3 with llama.cpp's tokenizer test vectors, the instruct models' chat
+# templates and the reference converter convert_hf_to_gguf.py. They come in llama-cpp-python's
+# source distribution, fetched once into the cache (the parts needed, ~80 MB) and never copied here.
+SOURCES="${XDG_CACHE_HOME:-$HOME/.cache}/lorafit/sources"
+LLAMA_CPP_TREE="$SOURCES/llama_cpp_python-0.3.36/vendor/llama.cpp"
+if [ ! -f "$LLAMA_CPP_TREE/convert_hf_to_gguf.py" ]; then
+  echo "setup: fetching the $LLAMA_CPP source distribution into $SOURCES (model-family references) ..."
+  mkdir -p "$SOURCES"
+  if .venv/bin/python -m pip download --quiet --disable-pip-version-check --no-deps --no-binary :all: \
+      "$LLAMA_CPP" -d "$SOURCES" >/dev/null 2>&1; then
+    tree=llama_cpp_python-0.3.36/vendor/llama.cpp
+    tar -xzf "$SOURCES/llama_cpp_python-0.3.36.tar.gz" -C "$SOURCES" \
+      "$tree/models" "$tree/convert_hf_to_gguf.py" "$tree/conversion" "$tree/gguf-py"
+    rm -f "$SOURCES/llama_cpp_python-0.3.36.tar.gz"
+  elif [ -n "${CI:-}" ]; then
+    echo "setup: could not fetch $LLAMA_CPP's source; CI needs it for the model-family checks" >&2
+    exit 1
+  else
+    echo "setup: could not fetch $LLAMA_CPP's source; the model-family tests will be skipped"
+  fi
+fi
 .venv/bin/ruff check src tests bench
 exec .venv/bin/python -m pytest "$@"

@@ -100,12 +100,21 @@ def test_export_refuses_what_llama_cpp_could_not_read(tiny_run, tiny_model_dir, 
         export_gguf(str(tiny_run), tmp_path / "x.gguf", "q3", verify=False)
     with pytest.raises(UsageError, match="pre-tokenizer"):  # unknown tokenizer family: asked, not guessed
         export_gguf(str(tiny_run), tmp_path / "x.gguf", "f16", verify=False)
-    other = tmp_path / "qwen-like"
-    shutil.copytree(tiny_model_dir, other)
-    config = json.loads((other / "config.json").read_text())
-    (other / "config.json").write_text(json.dumps({**config, "model_type": "qwen2"}))
-    with pytest.raises(UsageError, match="llama architecture"):
-        export_gguf(str(tiny_run), tmp_path / "x.gguf", "f16", base=str(other), verify=False, allow_base_mismatch=True)
+    config = json.loads((tiny_model_dir / "config.json").read_text())
+    for number, (change, refusal) in enumerate(
+        [
+            ({"model_type": "gemma"}, "covers llama, mistral, qwen2, qwen3, phi3"),
+            ({"rope_parameters": {"rope_type": "dynamic", "factor": 2.0, "rope_theta": 1e4}}, "rope type 'dynamic'"),
+            ({"attention_bias": True}, "biases in attention"),
+        ]
+    ):
+        other = tmp_path / f"other-{number}"
+        shutil.copytree(tiny_model_dir, other)
+        (other / "config.json").write_text(json.dumps({**config, **change}))
+        with pytest.raises(UsageError, match=refusal):
+            export_gguf(
+                str(tiny_run), tmp_path / "x.gguf", "f16", base=str(other), verify=False, allow_base_mismatch=True
+            )
     assert not (tmp_path / "x.gguf").exists()
 
 

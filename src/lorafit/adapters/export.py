@@ -17,13 +17,13 @@ from pathlib import Path
 
 from lorafit.adapters.gguf_export import (
     GGUF_TYPES,
-    pre_tokenizer_name,
     write_gguf,
     write_lora_gguf,
     written_by_lorafit,
 )
+from lorafit.adapters.gguf_vocab import pre_tokenizer_name
 from lorafit.adapters.load import locate_trained, resolve_trained_base
-from lorafit.adapters.merge import merge_into_folder, read_adapter
+from lorafit.adapters.merge import copy_sentencepiece_model, merge_into_folder, read_adapter
 from lorafit.adapters.modelfile import modelfile_path, modelfile_written_by_lorafit, write_modelfile
 from lorafit.errors import UsageError
 from lorafit.io import partial_path, staging_prefix
@@ -83,7 +83,7 @@ def export_gguf(
             folder = trained.path
             recorded_base = Path(trained.record.base_model.path or "")
             if pre_tokenizer is None and (recorded_base / "lorafit_source.txt").is_file():
-                pre_tokenizer = pre_tokenizer_name(recorded_base, None)  # a GGUF-born base knows it
+                pre_tokenizer = pre_tokenizer_name(recorded_base)  # a GGUF-born base knows it
         else:
             ref, _ = resolve_trained_base([trained], base, allow_base_mismatch)
             adapter = read_adapter(trained.path)
@@ -99,6 +99,7 @@ def export_gguf(
             if template:
                 tokenizer.chat_template = template
             tokenizer.save_pretrained(folder)
+            copy_sentencepiece_model(base_folder, folder)
             source = base_folder / "lorafit_source.txt"  # lets the writer find a GGUF base's pre-tokenizer
             if source.is_file():
                 (folder / source.name).write_text(source.read_text())
@@ -111,6 +112,13 @@ def export_gguf(
             if gguf_type == "q4_k_m":
                 summary = {**summary, **quantize_with_llama_cpp(target, out_file, "q4_k_m")}
         result = ExportResult(file=out_file, summary=summary)
+        merged_config = json.loads((folder / "config.json").read_text())
+        window = merged_config.get("sliding_window") if merged_config.get("model_type") == "mistral" else None
+        if window:
+            result.notes.append(
+                f"the model's sliding attention window ({window} tokens) is not part of llama.cpp's llama layout: "
+                f"llama.cpp attends over the whole context, the same as transformers up to {window} tokens"
+            )
         eos = json.loads((folder / "tokenizer_config.json").read_text()).get("eos_token")
         eos = eos.get("content") if isinstance(eos, dict) else eos
         base_gguf = None

@@ -1,30 +1,35 @@
 """`lorafit export --format gguf`: a merged Llama-family model as one GGUF file for llama.cpp/Ollama.
 
-Written with the `gguf` library (maintained by llama.cpp): tensors renamed to llama.cpp's names
-(its own `TensorNameMap`), q/k projection rows reordered from transformers' rotate-half rotary
-layout to the interleaved pairs llama.cpp rotates, and the tokenizer carried whole — vocabulary,
-merges, token types (special tokens as CONTROL, so llama.cpp parses and hides them), BOS/EOS/PAD,
-the pre-tokenizer name llama.cpp keys its splitting rules on, and the chat template the adapter was
-trained with. Norms and other 1-D tensors stay f32, as llama.cpp expects.
+Written with the `gguf` library (maintained by llama.cpp) for each architecture llama.cpp has for
+the families (ARCHITECTURES: Llama 2/3 and Mistral as `llama`, Qwen2.5 as `qwen2` with its q/k/v
+biases, Qwen3 as `qwen3` with its q/k norms, Phi-3 as `phi3` with its fused qkv and gate_up
+tensors): tensors renamed to llama.cpp's names (its own `TensorNameMap`); for `llama`, q/k
+projection rows reordered from transformers' rotate-half rotary layout to the interleaved pairs
+llama.cpp rotates (the others rotate halves, as transformers does); Llama 3's rope scaling as the
+`rope_freqs` factors llama.cpp multiplies in; the tokenizer carried whole (gguf_vocab.py) with the
+chat template the adapter was trained with. Norms, biases and other 1-D tensors stay f32, as
+llama.cpp expects. tests/test_families.py holds each family's file against the one llama.cpp's own
+converter writes for the same model, key by key and tensor by tensor.
 """
 
 from __future__ import annotations
 
 import json
+import math
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from lorafit.adapters.gguf_vocab import add_vocab, read_vocab
 from lorafit.adapters.merge import TensorFile, _base_tensor_files
 from lorafit.errors import UsageError
 from lorafit.io import partial_path
 
 GGUF_TYPES = ("f32", "f16", "bf16", "q8_0")
 LORA_ALPHA = 1.0  # written into LoRA files; each module's true scale is folded into its B
-# transformers' pre-tokenizer of a model family -> llama.cpp's name for the same splitting rules.
-PRE_TOKENIZERS = {"smollm": "smollm", "llama3": "llama-bpe", "llama-bpe": "llama-bpe", "gpt2": "gpt-2"}
 
 
 def _gguf_types():
@@ -66,8 +71,8 @@ LORAFIT_KEY = "lorafit.version"  # stamped into every file lorafit writes: `--ov
 
 
 @contextmanager
-def gguf_writer(out_file: Path):
-    """A llama GGUFWriter on a temporary file, renamed to `out_file` only once all is written."""
+def gguf_writer(out_file: Path, arch: str = "llama"):
+    """A GGUFWriter on a temporary file, renamed to `out_file` only once all is written."""
     import gguf
 
     from lorafit import __version__
@@ -75,7 +80,7 @@ def gguf_writer(out_file: Path):
     out_file = Path(out_file)
     out_file.parent.mkdir(parents=True, exist_ok=True)
     partial = partial_path(out_file)
-    writer = gguf.GGUFWriter(str(partial), "llama")
+    writer = gguf.GGUFWriter(str(partial), arch)
     writer.add_string(LORAFIT_KEY, __version__)
     try:
         yield writer
@@ -101,144 +106,133 @@ def written_by_lorafit(path: Path) -> bool:
     return LORAFIT_KEY in reader.fields
 
 
-def token_table(folder: Path) -> tuple[list[bytes], list[int], list[str]]:
-    """(tokens, token types, merges) of a byte-level BPE tokenizer.json, ordered by id."""
-    import gguf
+@dataclass(frozen=True)
+class Architecture:
+    """How one transformers model type is laid out in llama.cpp."""
 
-    data = json.loads((folder / "tokenizer.json").read_text(encoding="utf-8"))
-    model = data.get("model", {})
-    if model.get("type") != "BPE" or model.get("byte_fallback"):
-        raise UsageError(f"{folder}/tokenizer.json: lorafit exports byte-level BPE tokenizers (GPT-2 style) to GGUF.")
-    by_id = {index: text for text, index in model["vocab"].items()}
-    special = {item["id"]: item["content"] for item in data.get("added_tokens", []) if item.get("special")}
-    added = {item["id"]: item["content"] for item in data.get("added_tokens", [])}
-    by_id.update(added)
-    size = max(by_id) + 1
-    tokens, types = [], []
-    for index in range(size):
-        text = by_id.get(index)
-        if text is None:  # a hole in the id range: llama.cpp wants every id, unused ones marked
-            tokens.append(f"[PAD{index}]".encode())
-            types.append(gguf.TokenType.UNUSED)
-            continue
-        tokens.append(text.encode("utf-8"))
-        if index in special:
-            types.append(gguf.TokenType.CONTROL)
-        elif index in added:
-            types.append(gguf.TokenType.USER_DEFINED)
-        else:
-            types.append(gguf.TokenType.NORMAL)
-    merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges", [])]
-    return tokens, types, merges
+    gguf_arch: str  # gguf.MODEL_ARCH member name
+    interleaved_rotary: bool  # llama.cpp rotates adjacent pairs: q/k rows are reordered
+    vocab_size_key: bool = False  # the converter writes ARCH.vocab_size and ARCH.rope.dimension_count
+    sliding_window_key: bool = False  # the converter writes ARCH.attention.sliding_window (0: none)
 
 
-def pre_tokenizer_name(folder: Path, given: str | None) -> str:
-    """llama.cpp's pre-tokenizer name: given, recorded by a GGUF-born base, or known from the family."""
-    if given:
-        return given
-    source = folder / "lorafit_source.txt"  # a base lorafit converted from GGUF: ask the original
-    if source.is_file():
-        from gguf import GGUFReader
-
-        original = Path(source.read_text().splitlines()[0])
-        if original.is_file():
-            field = GGUFReader(str(original)).fields.get("tokenizer.ggml.pre")
-            if field is not None:
-                return field.contents()
-    config = json.loads((folder / "config.json").read_text())
-    keys = ("_name_or_path", "_model_name_or_path", "name_or_path")
-    name = " ".join(str(config.get(key) or "") for key in keys).lower()
-    for key, value in PRE_TOKENIZERS.items():
-        if key in name:
-            return value
-    raise UsageError(
-        f"{folder}: cannot tell which llama.cpp pre-tokenizer this model's tokenizer matches; pass --pre-tokenizer "
-        "(e.g. llama-bpe for Llama 3, smollm for SmolLM) so llama.cpp splits text as the model was trained."
-    )
+ARCHITECTURES = {
+    "llama": Architecture("LLAMA", True, vocab_size_key=True),
+    "mistral": Architecture("LLAMA", True, vocab_size_key=True),
+    "qwen2": Architecture("QWEN2", False),
+    "qwen3": Architecture("QWEN3", False),
+    "phi3": Architecture("PHI3", False, sliding_window_key=True),
+}
+ROPE_TYPES = ("default", "llama3", "linear", "yarn")
 
 
 def rope_settings(config: dict) -> dict:
-    """{'rope_theta', 'rope_type'} from a config.json of either transformers layout: 4.x keeps
-    `rope_theta` (and `rope_scaling`) at the top level, 5.x nests them in `rope_parameters`."""
+    """The rope parameters of a config.json of either transformers layout: 4.x keeps `rope_theta`
+    (and `rope_scaling`) at the top level, 5.x nests them in `rope_parameters`."""
     nested = config.get("rope_parameters") or {}
     scaling = config.get("rope_scaling") or {}
-    return {
-        "rope_theta": float(nested.get("rope_theta", config.get("rope_theta", 10000.0))),
-        "rope_type": nested.get("rope_type") or scaling.get("rope_type") or scaling.get("type") or "default",
-    }
+    merged = {**scaling, **nested}
+    merged["rope_theta"] = float(nested.get("rope_theta", config.get("rope_theta", 10000.0)))
+    merged["rope_type"] = nested.get("rope_type") or scaling.get("rope_type") or scaling.get("type") or "default"
+    return merged
 
 
-def _check_architecture(config: dict, folder: Path) -> None:
-    if config.get("model_type") != "llama":
+def architecture_of(config: dict, folder: Path) -> Architecture:
+    """The model's llama.cpp layout; what llama.cpp's architecture cannot express is refused by name."""
+    model_type = config.get("model_type")
+    if model_type not in ARCHITECTURES:
         raise UsageError(
-            f"{folder}: model_type {config.get('model_type')!r}; lorafit's GGUF export covers the llama architecture."
+            f"{folder}: model_type {model_type!r}; lorafit's GGUF export covers {', '.join(ARCHITECTURES)}."
         )
     rope_type = rope_settings(config)["rope_type"]
-    if rope_type != "default":
-        raise UsageError(f"{folder}: rope type {rope_type!r} is not exported to GGUF yet (only plain RoPE).")
-    if config.get("attention_bias") or config.get("mlp_bias"):
-        raise UsageError(f"{folder}: biases in attention or MLP layers are not part of the llama GGUF layout.")
+    if rope_type not in ROPE_TYPES:
+        raise UsageError(
+            f"{folder}: rope type {rope_type!r} is not exported to GGUF yet (exported: {', '.join(ROPE_TYPES)})."
+        )
+    if model_type in ("llama", "mistral") and (config.get("attention_bias") or config.get("mlp_bias")):
+        raise UsageError(f"{folder}: biases in attention or MLP layers are not part of llama.cpp's llama layout.")
+    if config.get("partial_rotary_factor", 1.0) != 1.0:
+        raise UsageError(f"{folder}: partial rotary embeddings are not exported to GGUF yet.")
+    return ARCHITECTURES[model_type]
 
 
 def _heads(config: dict) -> tuple[int, int]:
     heads = config["num_attention_heads"]
-    return heads, config.get("num_key_value_heads", heads)
+    return heads, config.get("num_key_value_heads") or heads
 
 
-def _add_model_metadata(writer, config: dict, gguf_type: str, name: str, file_types: dict) -> None:
+def _head_dim(config: dict) -> int:
+    return config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"]
+
+
+def _add_model_metadata(writer, config: dict, layout: Architecture, gguf_type: str, name: str) -> None:
+    """The hyperparameters, with the keys (and only the keys) llama.cpp's converter writes."""
     import gguf
 
     heads, kv_heads = _heads(config)
+    rope = rope_settings(config)
     writer.add_type(gguf.GGUFType.MODEL)
     writer.add_name(name)
-    writer.add_context_length(config["max_position_embeddings"])
-    writer.add_embedding_length(config["hidden_size"])
     writer.add_block_count(config["num_hidden_layers"])
+    writer.add_context_length(config["max_position_embeddings"])
+    original_context = rope.get("original_max_position_embeddings") or config.get("original_max_position_embeddings")
+    if layout.sliding_window_key and original_context:
+        writer.add_rope_scaling_orig_ctx_len(original_context)
+    writer.add_embedding_length(config["hidden_size"])
     writer.add_feed_forward_length(config["intermediate_size"])
     writer.add_head_count(heads)
     writer.add_head_count_kv(kv_heads)
-    writer.add_rope_freq_base(rope_settings(config)["rope_theta"])
+    writer.add_rope_freq_base(rope["rope_theta"])
+    if rope["rope_type"] == "linear":
+        writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
+        writer.add_rope_scaling_factor(rope["factor"])
+    elif rope["rope_type"] == "yarn":
+        writer.add_rope_scaling_type(gguf.RopeScalingType.YARN)
+        writer.add_rope_scaling_factor(rope["factor"])
+        writer.add_rope_scaling_orig_ctx_len(rope["original_max_position_embeddings"])
     writer.add_layer_norm_rms_eps(float(config["rms_norm_eps"]))
-    writer.add_rope_dimension_count(config.get("head_dim") or config["hidden_size"] // heads)
-    writer.add_vocab_size(config["vocab_size"])
-    writer.add_file_type(file_types[gguf_type])
+    if config.get("head_dim") and not layout.sliding_window_key:
+        writer.add_key_length(config["head_dim"])
+        writer.add_value_length(config["head_dim"])
+    writer.add_file_type(_gguf_types()[1][gguf_type])
+    if layout.vocab_size_key:
+        writer.add_vocab_size(config["vocab_size"])
+    if layout.vocab_size_key or layout.sliding_window_key:
+        writer.add_rope_dimension_count(_head_dim(config))
+    if layout.sliding_window_key:
+        writer.add_sliding_window(config.get("sliding_window") or 0)
 
 
-def _add_tokenizer(
-    writer, folder: Path, tokens, token_types, merges, pre: str, tokenizer_config: dict, template
-) -> None:
-    writer.add_tokenizer_model("gpt2")
-    writer.add_tokenizer_pre(pre)
-    writer.add_token_list(tokens)
-    writer.add_token_types(token_types)
-    writer.add_token_merges(merges)
-    ids = {}
-    for role in ("bos", "eos", "unk", "pad"):
-        text = tokenizer_config.get(f"{role}_token")
-        text = text.get("content") if isinstance(text, dict) else text
-        if text is not None and text.encode("utf-8") in tokens:
-            ids[role] = tokens.index(text.encode("utf-8"))
-    if "eos" not in ids:
-        raise UsageError(f"{folder}: the tokenizer names no EOS token that is in its vocabulary; cannot export.")
-    writer.add_bos_token_id(ids.get("bos", ids["eos"]))
-    writer.add_eos_token_id(ids["eos"])
-    if "unk" in ids:
-        writer.add_unk_token_id(ids["unk"])
-    writer.add_pad_token_id(ids.get("pad", ids["eos"]))
-    writer.add_add_bos_token(bool(tokenizer_config.get("add_bos_token", False)))
-    writer.add_add_space_prefix(False)
-    if template:
-        writer.add_chat_template(template)
+def llama3_rope_factors(config: dict) -> np.ndarray:
+    """Llama 3's rope scaling as llama.cpp applies it: one divisor per rotary frequency (`rope_freqs`):
+    1 for high frequencies, `factor` for low ones, a smooth blend between. Computed in float32 in
+    the converter's order of operations, so the factors equal its bit for bit."""
+    rope = rope_settings(config)
+    dim = _head_dim(config)
+    freqs = 1.0 / (rope["rope_theta"] ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim))
+    factor, low, high = rope.get("factor", 8.0), rope.get("low_freq_factor", 1.0), rope.get("high_freq_factor", 4.0)
+    old_context = rope.get("original_max_position_embeddings", 8192)
+    wavelengths = 2 * math.pi / freqs
+    smooth = (old_context / wavelengths - low) / (high - low)
+    blended = 1 / ((1 - smooth) / factor + smooth)
+    factors = torch.where(wavelengths > old_context / low, torch.tensor(factor, dtype=torch.float32), blended)
+    factors = torch.where(wavelengths < old_context / high, torch.tensor(1.0, dtype=torch.float32), factors)
+    return factors.numpy()
 
 
-def _add_tensors(writer, folder: Path, config: dict, gguf_type: str, tensor_types: dict) -> int:
+def _add_tensors(writer, folder: Path, config: dict, layout: Architecture, gguf_type: str) -> int:
     """Every weight of the model in `folder`, renamed, reordered and stored at `gguf_type`."""
     import gguf
 
+    tensor_types = _gguf_types()[0]
     heads, kv_heads = _heads(config)
-    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, config["num_hidden_layers"])
-    handles: dict[Path, TensorFile] = {}
+    arch = getattr(gguf.MODEL_ARCH, layout.gguf_arch)
+    names = gguf.get_tensor_name_map(arch, config["num_hidden_layers"])
     written = 0
+    if rope_settings(config)["rope_type"] == "llama3":
+        writer.add_tensor(gguf.TENSOR_NAMES[gguf.MODEL_TENSOR.ROPE_FREQS] + ".weight", llama3_rope_factors(config))
+        written += 1
+    handles: dict[Path, TensorFile] = {}
     try:
         for hf_name, file in _base_tensor_files(folder).items():
             if hf_name.endswith("rotary_emb.inv_freq"):
@@ -247,9 +241,11 @@ def _add_tensors(writer, folder: Path, config: dict, gguf_type: str, tensor_type
                 handles[file] = TensorFile(file)
             gguf_name = names.get_name(hf_name, try_suffixes=(".weight", ".bias"))
             if gguf_name is None:
-                raise UsageError(f"{folder}: tensor {hf_name} has no place in a llama GGUF file.")
+                raise UsageError(f"{folder}: tensor {hf_name} has no place in a {layout.gguf_arch.lower()} GGUF file.")
             tensor = handles[file].get(hf_name).float()
-            array = llama_rotary_order(hf_name.removesuffix(".weight"), tensor, heads, kv_heads).numpy()
+            if layout.interleaved_rotary:
+                tensor = llama_rotary_order(hf_name.rsplit(".", 1)[0], tensor, heads, kv_heads)
+            array = tensor.numpy()
             kind = tensor_types[gguf_type] if array.ndim == 2 else gguf.GGMLQuantizationType.F32
             if kind == gguf.GGMLQuantizationType.Q8_0 and array.shape[-1] % 32:
                 kind = gguf.GGMLQuantizationType.F16  # rows Q8_0 cannot block: kept at f16
@@ -274,13 +270,13 @@ def write_gguf(
     pre_tokenizer: str | None = None,
 ) -> dict:
     """Write the transformers model in `folder` as a GGUF file (atomically); returns what was written."""
+    import gguf
+
     if gguf_type not in GGUF_TYPES:
         raise UsageError(f"--type {gguf_type}: use one of {', '.join(GGUF_TYPES)} (or q4_k_m, via llama.cpp).")
     config = json.loads((folder / "config.json").read_text())
-    _check_architecture(config, folder)
-    tensor_types, file_types = _gguf_types()
-    tokens, token_types, merges = token_table(folder)
-    pre = pre_tokenizer_name(folder, pre_tokenizer)
+    layout = architecture_of(config, folder)
+    vocab = read_vocab(folder, pre_tokenizer, own_specials=config.get("model_type") == "phi3")
     tokenizer_config = json.loads((folder / "tokenizer_config.json").read_text())
     template_file = folder / "chat_template.jinja"
     template = chat_template or tokenizer_config.get("chat_template")
@@ -288,30 +284,31 @@ def write_gguf(
         template = template_file.read_text(encoding="utf-8")
 
     out_file = Path(out_file)
-    with gguf_writer(out_file) as writer:
-        _add_model_metadata(writer, config, gguf_type, name or folder.name, file_types)
-        _add_tokenizer(writer, folder, tokens, token_types, merges, pre, tokenizer_config, template)
-        written = _add_tensors(writer, folder, config, gguf_type, tensor_types)
+    with gguf_writer(out_file, gguf.MODEL_ARCH_NAMES[getattr(gguf.MODEL_ARCH, layout.gguf_arch)]) as writer:
+        _add_model_metadata(writer, config, layout, gguf_type, name or folder.name)
+        add_vocab(writer, vocab, template)
+        written = _add_tensors(writer, folder, config, layout, gguf_type)
     return {
         "file": str(out_file),
         "type": gguf_type,
+        "architecture": writer.arch,
         "tensors": written,
         "bytes": out_file.stat().st_size,
-        "pre_tokenizer": pre,
+        "pre_tokenizer": vocab.pre,
         "chat_template": bool(template),
     }
 
 
 def write_lora_gguf(adapter, config: dict, out_file: Path, name: str = "") -> dict:
     """A llama.cpp LoRA adapter file (`llama-cli --lora FILE` over the base's GGUF): each adapted
-    module's A and B (B's q/k rows in llama.cpp's rotary order). llama.cpp scales every tensor of
-    a LoRA file by one alpha over that tensor's rank; lorafit writes alpha LORA_ALPHA and folds each
-    module's own scale (rsLoRA, alpha_pattern, rank_pattern) into its B, so every module comes out
-    exact whatever its rank."""
+    module's A and B (B's q/k rows in llama.cpp's rotary order where its layout needs it).
+    llama.cpp scales every tensor of a LoRA file by one alpha over that tensor's rank; lorafit
+    writes alpha LORA_ALPHA and folds each module's own scale (rsLoRA, alpha_pattern, rank_pattern)
+    into its B, so every module comes out exact whatever its rank."""
     import gguf
 
     out_file = Path(out_file)
-    _check_architecture(config, out_file.parent)
+    layout = architecture_of(config, out_file.parent)
     if any("magnitude" in parts for parts in adapter.lora.values()):
         raise UsageError("A DoRA adapter has no llama.cpp LoRA form; export it merged (without --adapter-only).")
     if adapter.replaced:
@@ -320,8 +317,9 @@ def write_lora_gguf(adapter, config: dict, out_file: Path, name: str = "") -> di
             "llama.cpp LoRA file cannot carry; export it merged (without --adapter-only)."
         )
     heads, kv_heads = _heads(config)
-    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, config["num_hidden_layers"])
-    with gguf_writer(out_file) as writer:
+    arch = getattr(gguf.MODEL_ARCH, layout.gguf_arch)
+    names = gguf.get_tensor_name_map(arch, config["num_hidden_layers"])
+    with gguf_writer(out_file, gguf.MODEL_ARCH_NAMES[arch]) as writer:
         writer.add_type(gguf.GGUFType.ADAPTER)
         writer.add_name(name or out_file.stem)
         writer.add_string(gguf.Keys.Adapter.TYPE, "lora")
@@ -329,10 +327,11 @@ def write_lora_gguf(adapter, config: dict, out_file: Path, name: str = "") -> di
         for module, parts in sorted(adapter.lora.items()):
             base_name = names.get_name(f"{module}.weight", try_suffixes=(".weight",))
             if base_name is None:
-                raise UsageError(f"The adapter adapts {module}, which has no place in a llama GGUF file.")
+                raise UsageError(f"The adapter adapts {module}, which has no place in a {writer.arch} GGUF file.")
             rank = parts["A"].shape[0]
             b = parts["B"] * (adapter.scale(module) * rank / LORA_ALPHA)  # llama.cpp applies alpha / rank
-            b = llama_rotary_order(module, b, heads, kv_heads)
+            if layout.interleaved_rotary:
+                b = llama_rotary_order(module, b, heads, kv_heads)
             writer.add_tensor(f"{base_name}.lora_a", parts["A"].numpy().astype(np.float32))
             writer.add_tensor(f"{base_name}.lora_b", b.numpy().astype(np.float32))
     return {

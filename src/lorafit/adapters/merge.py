@@ -40,6 +40,15 @@ UNSUPPORTED = {  # adapter_config.json keys whose non-default values this merge 
     "use_bdlora": None,
 }
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja")
+SENTENCEPIECE_MODEL = "tokenizer.model"  # Llama 2, Mistral, Phi-3: llama.cpp's converter reads it
+
+
+def copy_sentencepiece_model(base_folder: Path, folder: Path) -> None:
+    """The base's SentencePiece model beside the saved tokenizer (transformers' fast tokenizer
+    does not write it back), so tools that read it, llama.cpp's converter among them, still can."""
+    source = Path(base_folder) / SENTENCEPIECE_MODEL
+    if source.is_file() and not (folder / SENTENCEPIECE_MODEL).exists():
+        shutil.copyfile(source, folder / SENTENCEPIECE_MODEL)
 
 
 @dataclass
@@ -343,6 +352,7 @@ def merge_adapter(
     def write(folder: Path) -> None:
         summary.update(merge_into_folder(Path(ref.path), adapter, folder, dtype, max_shard_bytes))
         tokenizer.save_pretrained(folder)
+        copy_sentencepiece_model(Path(ref.path), folder)
         # The adapter's record (config, tokenizer, template, data, metrics) travels with the model.
         record = dataclasses.replace(
             trained.record,

@@ -19,7 +19,7 @@ from pathlib import Path
 from lorafit.adapters.load import TrainedLocation, attach_adapter, locate_trained, resolve_trained_base
 from lorafit.artifacts import AdapterRecord, BaseModelRecord
 from lorafit.compute.generate import generation_mode, greedy_generate
-from lorafit.data.chat_template import ChatTemplate, render_prompt, resolve_chat_template
+from lorafit.data.chat_template import ChatTemplate, end_of_turn_ids, render_prompt, resolve_chat_template
 from lorafit.errors import UsageError
 from lorafit.io import write_json_atomic
 from lorafit.model.device import autocast_context, compute_dtype, default_device, resolve_precision
@@ -84,11 +84,12 @@ class AdapterSession:
 
     def chat(self, messages: list[dict], max_new_tokens: int = 256) -> str:
         """The active model's greedy answer to a conversation, through its own chat template."""
-        prompt = render_prompt(self.tokenizer, self.templates[self.active], messages)
-        return self.complete(prompt, max_new_tokens)
+        template = self.templates[self.active]
+        prompt = render_prompt(self.tokenizer, template, messages)
+        return self.complete(prompt, max_new_tokens, end_of_turn_ids(self.tokenizer, template))
 
-    def complete(self, prompt: str, max_new_tokens: int = 256) -> str:
-        """The active model's greedy continuation of raw text."""
+    def complete(self, prompt: str, max_new_tokens: int = 256, stop_ids: list[int] | None = None) -> str:
+        """The active model's greedy continuation of raw text (to EOS, or to one of `stop_ids`)."""
         with generation_mode(self.model):
             return greedy_generate(
                 self.model,
@@ -97,6 +98,7 @@ class AdapterSession:
                 max_new_tokens,
                 self.device,
                 lambda: autocast_context(self.precision, self.device),
+                stop_ids=stop_ids,
             )[0]
 
     def combine(self, name: str, weights: dict[str, float], combination_type: str = "cat") -> None:

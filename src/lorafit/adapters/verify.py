@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from lorafit.data.chat_template import ChatTemplate, end_of_turn_ids
 from lorafit.data.tokenize import pad_token_id
 
 DEFAULT_TEXTS = [
@@ -62,13 +63,13 @@ def _nll(logits: np.ndarray, ids: list[int]) -> tuple[float, int]:
     return float((lse - targets).sum()), len(ids) - 1
 
 
-def _greedy(llm, prompt_ids: list[int], eos: int, steps: int) -> list[int]:
+def _greedy(llm, prompt_ids: list[int], stops: list[int], steps: int) -> list[int]:
     llm.reset()
     llm.eval(prompt_ids)
     out: list[int] = []
     for _ in range(steps):
         token = int(np.argmax(llm.scores[llm.n_tokens - 1]))
-        if token == eos:
+        if token in stops:
             break
         out.append(token)
         llm.eval([token])
@@ -88,6 +89,15 @@ def _as_stored(model, dtype: torch.dtype | None):
             if param.ndim == 2:
                 param.copy_(param.to(dtype).float())
     return rounded
+
+
+def sliding_window_beyond_gguf(config) -> int | None:
+    """A sliding-attention window llama.cpp's layout for this model does not carry (Mistral's,
+    exported as `llama`), else None."""
+    window = getattr(config, "sliding_window", None)
+    if getattr(config, "model_type", "") == "mistral" and window:
+        return int(window)
+    return None
 
 
 def verify_gguf(
@@ -113,6 +123,9 @@ def verify_gguf(
     exact = gguf_type in ("f32", "f16")
     model = _as_stored(full, STORED_DTYPES.get(gguf_type)) if exact else full
     context = min(1024, getattr(full.config, "max_position_embeddings", 1024))  # texts are cut to fit
+    window = sliding_window_beyond_gguf(full.config)
+    if window:  # llama.cpp attends over the whole context: the two agree up to the window
+        context = min(context, window)
     llm = Llama(
         model_path=str(gguf_file),
         lora_path=None if lora_file is None else str(lora_file),
@@ -146,17 +159,18 @@ def verify_gguf(
     if tokenizer.chat_template:
         prompt = tokenizer.apply_chat_template(CHAT_PROMPT, tokenize=False, add_generation_prompt=True)
         prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+        stops = end_of_turn_ids(tokenizer, ChatTemplate(tokenizer.chat_template, "model"))
         with torch.no_grad():
             generated = model.generate(
                 input_ids=torch.tensor([prompt_ids]),
                 max_new_tokens=24,
                 do_sample=False,
-                eos_token_id=tokenizer.eos_token_id,
+                eos_token_id=stops,
                 pad_token_id=pad_token_id(tokenizer),
             )[0, len(prompt_ids) :].tolist()
-        if tokenizer.eos_token_id in generated:
-            generated = generated[: generated.index(tokenizer.eos_token_id)]
-        chat_equal = _greedy(llm, prompt_ids, tokenizer.eos_token_id, 24) == generated
+        ends = [at for at, token in enumerate(generated) if token in stops]
+        generated = generated[: ends[0]] if ends else generated
+        chat_equal = _greedy(llm, prompt_ids, stops, 24) == generated
         chat_answer = tokenizer.decode(generated, skip_special_tokens=True)
     if exact:
         passed = same_ids and agree == total and max_diff <= LOGIT_LIMIT and chat_equal is not False

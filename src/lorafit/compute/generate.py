@@ -36,10 +36,13 @@ def greedy_generate(
     device: torch.device,
     autocast=nullcontext,
     batch_size: int = 16,
+    stop_ids: list[int] | None = None,
 ) -> list[str]:
     """Greedy answers to already-rendered prompts, in order. Prompts are batched by length with left
-    padding; each answer ends at the tokenizer's EOS (not included) or after `max_new_tokens`."""
+    padding; each answer ends at the first of `stop_ids` (default: the tokenizer's EOS; for chat
+    prompts, chat_template.end_of_turn_ids), not included, or after `max_new_tokens`."""
     pad_id = pad_token_id(tokenizer)
+    stops = stop_ids or [tokenizer.eos_token_id]
     encoded = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
     order = sorted(range(len(prompts)), key=lambda i: len(encoded[i]))
     answers: list[str] = [""] * len(prompts)
@@ -59,12 +62,13 @@ def greedy_generate(
                 max_new_tokens=max_new_tokens,
                 do_sample=False,
                 pad_token_id=pad_id,
-                eos_token_id=tokenizer.eos_token_id,
+                eos_token_id=stops,
             )
         for row, index in enumerate(chunk):
             new = output[row, width:].tolist()
-            if tokenizer.eos_token_id in new:
-                new = new[: new.index(tokenizer.eos_token_id)]
+            ends = [at for at, token in enumerate(new) if token in stops]
+            if ends:
+                new = new[: ends[0]]
             answers[index] = tokenizer.decode(new, skip_special_tokens=True).strip()
     return answers
 

@@ -111,6 +111,32 @@ def render_prompt(tokenizer, template: ChatTemplate, messages: list[dict[str, st
     return render_chat(tokenizer, template, messages, add_generation_prompt=True)
 
 
+def end_of_turn_ids(tokenizer, template: ChatTemplate) -> list[int]:
+    """The ids that end an assistant answer under `template`: the special token the template puts
+    right after an answer (Llama 3's `<|eot_id|>`, ChatML's `<|im_end|>`, Phi-3's `<|end|>`), then
+    the tokenizer's EOS. An answer is trained through the first and generation stops at either, so
+    a base whose EOS is another token (Llama 3's `<|end_of_text|>`) still learns to end its turn."""
+    probe = [{"role": "user", "content": "U"}, {"role": "assistant", "content": "A"}]
+    stops = [tokenizer.eos_token_id]
+    try:
+        prompt = render_chat(tokenizer, template, probe[:1], add_generation_prompt=True)
+        full = render_chat(tokenizer, template, probe, add_generation_prompt=False)
+    except RenderError:
+        return stops
+    if not full.startswith(prompt):
+        return stops
+    answer = full[len(prompt) :]
+    content_end = answer.find("A") + 1
+    special = set(tokenizer.all_special_ids) | {
+        index for index, token in tokenizer.added_tokens_decoder.items() if token.special
+    }
+    after = tokenizer(answer[content_end:], add_special_tokens=False)["input_ids"]
+    for token in after:
+        if token in special:
+            return list(dict.fromkeys([token, *stops]))
+    return stops
+
+
 def conversation_segments(
     tokenizer, template: ChatTemplate, messages: list[dict[str, str]], train_turns: str = "all"
 ) -> list[tuple[str, bool]]:
@@ -126,6 +152,18 @@ def conversation_segments(
     for index in answers:
         prompt = render_chat(tokenizer, template, messages[:index], add_generation_prompt=True)
         full = render_chat(tokenizer, template, messages[: index + 1], add_generation_prompt=False)
+        closing = tokenizer.eos_token or ""
+        if (
+            closing
+            and segments
+            and not prompt.startswith(rendered)
+            and rendered.endswith(closing)
+            and prompt.startswith(rendered[: -len(closing)])
+        ):
+            # An EOS that closes only a whole conversation (Phi-3's template): the earlier answer ends without it.
+            text, trained = segments[-1]
+            segments[-1] = (text[: -len(closing)], trained)
+            rendered = rendered[: -len(closing)]
         if not prompt.startswith(rendered) or not full.startswith(prompt):
             raise DataError(
                 f"The chat template ({template.origin}) does not render conversations incrementally (the text "

@@ -13,11 +13,11 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from lorafit.data.chat_template import ChatTemplate, RenderError, conversation_segments
+from lorafit.data.chat_template import ChatTemplate, RenderError, conversation_segments, end_of_turn_ids
 from lorafit.data.documents import Problems
 from lorafit.data.formats import Conversation
 from lorafit.data.pack import IGNORE_INDEX
-from lorafit.data.tokenize import tokenize_cached
+from lorafit.data.tokenize import tokenize_cached, tokenize_continuations
 
 
 @dataclass
@@ -28,15 +28,18 @@ class Examples:
     stats: dict = field(default_factory=dict)
 
 
-def answer_labels(ids: np.ndarray, eos_id: int) -> tuple[np.ndarray, np.ndarray]:
-    """(ids, labels) of one answer piece: trained through its last EOS, an EOS appended if it has none."""
+def answer_labels(ids: np.ndarray, stop_ids: int | list[int]) -> tuple[np.ndarray, np.ndarray]:
+    """(ids, labels) of one answer piece: trained through the first stop token after the answer
+    (the template's end of turn or EOS, see end_of_turn_ids), which is appended if there is none;
+    what the template puts after it (Phi-3's EOS after `<|end|>`, a newline) is context."""
+    stops = [stop_ids] if isinstance(stop_ids, int) else list(stop_ids)
     ids = ids.astype(np.int64)
-    eos_at = np.flatnonzero(ids == eos_id)
+    eos_at = np.flatnonzero(np.isin(ids, stops))
     if not len(eos_at):
-        ids = np.append(ids, eos_id)
+        ids = np.append(ids, stops[0])
         return ids, ids.copy()
     labels = ids.copy()
-    labels[eos_at[-1] + 1 :] = IGNORE_INDEX
+    labels[eos_at[0] + 1 :] = IGNORE_INDEX
     return ids, labels
 
 
@@ -58,17 +61,25 @@ def build_examples(
             sources.append(conversation.source)
         except RenderError as exc:
             problems.add(conversation.source, "invalid_record", f"the chat template refused it: {exc}")
-    flat_texts = [text for segments in pieces for text, _ in segments]
-    flat_ids = iter(tokenize_cached(flat_texts, tokenizer))
-    eos_id = tokenizer.eos_token_id
+    # A conversation's first piece starts a text; every later one continues it (which matters
+    # to SentencePiece tokenizers, see data.tokenize.continuation_prefix_ids).
+    first_ids = iter(tokenize_cached([segments[0][0] for segments in pieces if segments], tokenizer))
+    specials = tuple(tokenizer.all_special_tokens)
+    later = [
+        (text, previous[0].endswith(specials))
+        for segments in pieces
+        for previous, (text, _) in zip(segments, segments[1:])
+    ]
+    later_ids = iter(tokenize_continuations([t for t, _ in later], [s for _, s in later], tokenizer))
+    stop_ids = end_of_turn_ids(tokenizer, template)
     examples = Examples(input_ids=[], labels=[], sources=[])
     truncated = no_answer_left = 0
     for segments, source in zip(pieces, sources):
         ids_parts, label_parts = [], []
-        for _, trained in segments:
-            ids = next(flat_ids).astype(np.int64)
+        for number, (_, trained) in enumerate(segments):
+            ids = next(later_ids if number else first_ids).astype(np.int64)
             if trained:
-                ids, labels = answer_labels(ids, eos_id)
+                ids, labels = answer_labels(ids, stop_ids)
             else:
                 labels = np.full(len(ids), IGNORE_INDEX, dtype=np.int64)
             ids_parts.append(ids)

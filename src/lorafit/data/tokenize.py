@@ -63,6 +63,43 @@ def count_tokens(texts: list[str], tokenizer) -> int:
     return int(sum(len(ids) for ids in tokenize_cached(texts, tokenizer)))
 
 
+CONTINUATION_ANCHOR = "\n"
+
+
+def continuation_prefix_ids(tokenizer) -> list[int]:
+    """For a SentencePiece-style tokenizer that prepends "▁" to every text it is given (Llama 2,
+    Mistral, Phi-3), the ids "\n" alone becomes (the dummy "▁" and the newline byte), else [].
+
+    Such a tokenizer adds the dummy space to each piece tokenized on its own, where the model,
+    given the whole text, meets it once at the start: a piece that continues a text is tokenized
+    after the newline anchor and the anchor's ids are cut off (see tokenize_continuations)."""
+    ids = tokenizer(CONTINUATION_ANCHOR, add_special_tokens=False)["input_ids"]
+    if len(ids) == 2 and tokenizer.convert_ids_to_tokens(ids[0]) == "\u2581":
+        return ids
+    return []
+
+
+def tokenize_continuations(texts: list[str], follows_special: list[bool], tokenizer) -> list[np.ndarray]:
+    """Token ids of texts that continue a text already tokenized: without the dummy prefix space,
+    except right after a special token, where the tokenizer (and llama.cpp) start a new segment
+    and prepend it there too."""
+    prefix = continuation_prefix_ids(tokenizer)
+    if not prefix:
+        return tokenize_cached(texts, tokenizer)
+    anchored = tokenize_cached(
+        [text if special else CONTINUATION_ANCHOR + text for text, special in zip(texts, follows_special)], tokenizer
+    )
+    out = []
+    for text, special, ids in zip(texts, follows_special, anchored):
+        if special:
+            out.append(ids)
+        elif list(ids[: len(prefix)]) == prefix:
+            out.append(ids[len(prefix) :])
+        else:  # the anchor merged with what follows: tokenized alone instead
+            out.append(tokenize_texts([text], tokenizer)[0])
+    return out
+
+
 def pad_token_id(tokenizer) -> int:
     """The id that pads a batch: the tokenizer's pad token, else its end-of-sequence token (Llama
     and many others ship without a pad token; padding is masked out of every loss anyway)."""

@@ -17,7 +17,7 @@ from rich.console import Console
 
 from lorafit.compute.generate import default_prompt, generation_mode, greedy_generate
 from lorafit.compute.perplexity import LossResult, evaluate_loss
-from lorafit.data.chat_template import ChatTemplate, render_prompt
+from lorafit.data.chat_template import ChatTemplate, end_of_turn_ids, render_prompt
 from lorafit.data.formats import Conversation
 from lorafit.data.pack import PackedBlocks
 from lorafit.evaluation.report import ModelEvaluation, blocks_info, build_report, general_files
@@ -81,7 +81,13 @@ def model_outputs(model, inputs: EvalInputs) -> dict:
     with generation_mode(model):
         outputs: dict = {
             "generations": greedy_generate(
-                model, inputs.tokenizer, inputs.fed_prompts, inputs.max_new_tokens, inputs.device, inputs.autocast
+                model,
+                inputs.tokenizer,
+                inputs.fed_prompts,
+                inputs.max_new_tokens,
+                inputs.device,
+                inputs.autocast,
+                stop_ids=end_of_turn_ids(inputs.tokenizer, inputs.template) if inputs.template else None,
             )
         }
         if inputs.records and inputs.template is not None:

@@ -15,7 +15,7 @@ import torch
 
 from lorafit.compute.generate import greedy_generate
 from lorafit.config import DataSection
-from lorafit.data.chat_template import ChatTemplate, render_prompt
+from lorafit.data.chat_template import ChatTemplate, end_of_turn_ids, render_prompt
 from lorafit.data.datasets import file_format
 from lorafit.data.documents import Problems
 from lorafit.data.formats import Conversation, field_names, read_conversations
@@ -96,7 +96,8 @@ def score_model(
     open_records = [r for r in records if r.choices is None]
     mc_records = [r for r in records if r.choices is not None]
     prompts = [render_prompt(tokenizer, template, r.messages) for r in open_records]
-    answers = greedy_generate(model, tokenizer, prompts, max_new_tokens, device, autocast, batch_size)
+    stops = end_of_turn_ids(tokenizer, template)
+    answers = greedy_generate(model, tokenizer, prompts, max_new_tokens, device, autocast, batch_size, stops)
     picks = []
     for record in mc_records:
         prompt = render_prompt(tokenizer, template, record.messages)

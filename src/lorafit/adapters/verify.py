@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from lorafit.compute.generate import until_stop
 from lorafit.data.chat_template import ChatTemplate, end_of_turn_ids
 from lorafit.data.tokenize import pad_token_id
 
@@ -168,8 +169,7 @@ def verify_gguf(
                 eos_token_id=stops,
                 pad_token_id=pad_token_id(tokenizer),
             )[0, len(prompt_ids) :].tolist()
-        ends = [at for at, token in enumerate(generated) if token in stops]
-        generated = generated[: ends[0]] if ends else generated
+        generated = until_stop(generated, stops)
         chat_equal = _greedy(llm, prompt_ids, stops, 24) == generated
         chat_answer = tokenizer.decode(generated, skip_special_tokens=True)
     if exact:

@@ -65,12 +65,17 @@ def greedy_generate(
                 eos_token_id=stops,
             )
         for row, index in enumerate(chunk):
-            new = output[row, width:].tolist()
-            ends = [at for at, token in enumerate(new) if token in stops]
-            if ends:
-                new = new[: ends[0]]
+            new = until_stop(output[row, width:].tolist(), stops)
             answers[index] = tokenizer.decode(new, skip_special_tokens=True).strip()
     return answers
+
+
+def until_stop(tokens: list[int], stops: list[int]) -> list[int]:
+    """The tokens before the first stop token (all of them if none stops)."""
+    for at, token in enumerate(tokens):
+        if token in stops:
+            return tokens[:at]
+    return tokens
 
 
 def default_prompt(text: str, words: int = 40) -> str:

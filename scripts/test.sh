@@ -3,6 +3,12 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
+# Multi-process tests run DeepSpeed ZeRO-2 on its CPU accelerator: the pinned deepspeed (pure
+# Python at install; the torch already installed is kept, no CUDA packages come with it).
+if ! .venv/bin/python -c "import deepspeed" >/dev/null 2>&1; then
+  echo "setup: installing deepspeed for the multi-process tests ..."
+  .venv/bin/python -m pip install --quiet --disable-pip-version-check -c constraints.txt -e ".[deepspeed]"
+fi
 # The HTML report is checked in a real browser: Debian's chromium (skipped only where it is absent).
 if ! command -v chromium >/dev/null 2>&1; then
   SUDO=""

@@ -107,9 +107,11 @@ class RunSummary:
     stopped_early: bool | None = None
     best_step: int | None = None
     skipped_steps: int | None = None
+    overflow_steps: int | None = None  # fp16 steps the loss scaler skipped (not failures)
     rollbacks: int | None = None
     micro_batch_size: int | None = None
     grad_accum: int | None = None
+    processes: int | None = None  # data-parallel processes; a step's blocks = micro_batch_size x grad_accum x this
     valid_loss_before: float | None = None
     valid_loss_after: float | None = None
     valid_ppl_before: float | None = None

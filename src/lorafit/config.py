@@ -226,8 +226,10 @@ class TrainSection(Section):
     )
     keep_checkpoints: int = Field(3, ge=1, description="Keep only the newest N checkpoints.")
     seed: int = Field(0, description="Seed for initialisation and data order.")
-    precision: Literal["auto", "fp32", "bf16"] = Field(
-        "auto", description="'auto' picks bf16 where the CPU/GPU supports it, else fp32."
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
+        "auto",
+        description="'auto' picks bf16 where the CPU/GPU computes it fast; on a GPU without bf16 (T4, V100) fp16, "
+        "else fp32. 'fp16' autocasts in float16 with a dynamic loss scale (overflow steps skipped and counted).",
     )
     gradient_checkpointing: bool = Field(False, description="Recompute activations to save memory.")
     loss_chunk_tokens: int = Field(

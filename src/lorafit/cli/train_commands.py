@@ -9,7 +9,7 @@ import typer
 from rich.table import Table
 
 from lorafit.cli.app import _fail, console
-from lorafit.errors import LorafitError
+from lorafit.errors import LorafitError, UsageError
 
 
 def train(
@@ -33,10 +33,45 @@ def train(
     ignore_changes: Annotated[
         bool, typer.Option(help="Resume even though the config, data or base model changed.")
     ] = False,
+    launcher: Annotated[
+        str,
+        typer.Option(
+            help="'none' trains in this process; 'accelerate' starts --num-processes processes with accelerate "
+            "launch (torchrun), the same config unchanged."
+        ),
+    ] = "none",
+    num_processes: Annotated[
+        int, typer.Option(help="Processes for --launcher accelerate (one per GPU; on a CPU, cores are shared).")
+    ] = 2,
+    distributed: Annotated[
+        str, typer.Option(help="Engine for --launcher accelerate: ddp (fsdp, deepspeed-zero2/3: not yet).")
+    ] = "ddp",
+    accelerate_config: Annotated[
+        Path | None,
+        typer.Option(
+            metavar="FILE",
+            help="An accelerate config (e.g. configs/distributed/*.yaml) instead of --distributed's flags.",
+        ),
+    ] = None,
 ) -> None:
     """Train a LoRA adapter: measure validation perplexity, train, measure again, save."""
     from lorafit.api import train as train_run
 
+    if launcher not in ("none", "accelerate"):
+        raise UsageError(f"--launcher {launcher}: use 'none' or 'accelerate'.")
+    if launcher == "accelerate":
+        from lorafit.training.launch import accelerate_command, launch
+
+        train_args = [str(config), *(["--out", str(out)] if out else [])]
+        train_args += [arg for value in set_ or [] for arg in ("--set", value)]
+        train_args += ["--overwrite"] * overwrite + ["--ignore-changes"] * ignore_changes
+        train_args += ["--resume", resume] if resume else []
+        command = accelerate_command(train_args, num_processes, distributed, accelerate_config)
+        console.print(f"[bold]launching[/] {num_processes} processes ({distributed}): {' '.join(command)}")
+        status = launch(command)
+        if status:
+            raise typer.Exit(status if status > 0 else 128 - status)
+        return
     try:
         result = train_run(
             config, out, set_ or [], overwrite=overwrite, resume=resume, ignore_changes=ignore_changes, console=console
@@ -44,7 +79,8 @@ def train(
     except LorafitError as exc:
         _fail(exc)
         return
-    print_run_summary(result.summary, result.out_dir)
+    if result.main_process:
+        print_run_summary(result.summary, result.out_dir)
 
 
 def print_run_summary(summary: dict, out_dir: Path) -> None:

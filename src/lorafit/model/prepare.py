@@ -48,7 +48,7 @@ def prepare_trainable_model(
         model = apply_lora(
             model,
             config.lora,
-            under_autocast=precision == "bf16" and quantization is None,
+            under_autocast=precision in ("bf16", "fp16") and quantization is None,
             init_batches=init_batches() if config.lora.init == "eva" and init_batches else None,
             weights_path=ref.path,
         )

@@ -5,7 +5,8 @@ so a crash (even SIGKILL) leaves the previous checkpoints intact and never a hal
 
     trainable.safetensors   trainable parameters (the LoRA weights), by name
     best.safetensors        the best-validation weights so far, when there are any
-    optimizer.pt            optimizer state
+    optimizer.pt            optimizer state (under DeepSpeed ZeRO: a list, one partition per rank)
+    scaler.pt               fp16's loss-scaler state (scale, growth tracker), for fp16 runs
     rng.pt                  python, numpy and torch (CPU and CUDA) generator states
     state.json              step, counters, data position (epoch, index), config and data fingerprints
     adapter/                the same weights as a PEFT adapter, usable on its own
@@ -55,16 +56,21 @@ def save_checkpoint(
     record: dict,
     save_adapter_to=None,
     keep: int = 3,
+    scaler: torch.amp.GradScaler | None = None,
+    optimizer_state: dict | list | None = None,
 ) -> Path:
     """Write checkpoint `root/step-N` atomically and keep only the newest `keep` of them.
-    `record` (JSON) holds at least the data `position` and the input `fingerprints`."""
+    `record` (JSON) holds at least the data `position` and the input `fingerprints`; `optimizer_state`
+    replaces `optimizer.state_dict()` (ZeRO's partitions, gathered from every rank)."""
     root.mkdir(parents=True, exist_ok=True)
 
     def write(folder: Path) -> None:
         save_file(trainable_state(model), str(folder / "trainable.safetensors"))
         if state.best_trainable is not None:
             save_file({k: v.contiguous() for k, v in state.best_trainable.items()}, str(folder / "best.safetensors"))
-        torch.save(optimizer.state_dict(), folder / "optimizer.pt")
+        torch.save(optimizer.state_dict() if optimizer_state is None else optimizer_state, folder / "optimizer.pt")
+        if scaler is not None:
+            torch.save(scaler.state_dict(), folder / "scaler.pt")
         torch.save(rng_state(), folder / "rng.pt")
         # The best weights have their own file; an interruption belongs to this process only.
         loop = {
@@ -144,6 +150,7 @@ class CheckpointFiles:
     best: dict[str, torch.Tensor] | None
     optimizer: dict
     rng: dict
+    scaler: dict | None = None
 
 
 def _read(path: Path, reader):
@@ -165,20 +172,25 @@ def read_checkpoint(path: Path) -> CheckpointFiles:
         check_safetensors(file)
         return load_file(str(file))
 
-    best = path / "best.safetensors"
+    best, scaler = path / "best.safetensors", path / "scaler.pt"
     return CheckpointFiles(
         record=record,
         weights=_read(path / "trainable.safetensors", tensors),
         best=_read(best, tensors) if best.is_file() else None,
         optimizer=_read(path / "optimizer.pt", lambda file: torch.load(file, weights_only=False)),
         rng=_read(path / "rng.pt", lambda file: torch.load(file, weights_only=False)),
+        scaler=_read(scaler, lambda file: torch.load(file, weights_only=True)) if scaler.is_file() else None,
     )
 
 
 def load_checkpoint(
-    path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, files: CheckpointFiles | None = None
+    path: Path,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    files: CheckpointFiles | None = None,
+    scaler: torch.amp.GradScaler | None = None,
 ) -> tuple[LoopState, dict]:
-    """Restore weights, optimizer and RNGs in place; returns the loop state and the data position."""
+    """Restore weights, optimizer, loss scale and RNGs in place; returns the loop state and the data position."""
     files = files or read_checkpoint(path)
     record, weights = files.record, files.weights
     params = dict(model.named_parameters())
@@ -190,9 +202,16 @@ def load_checkpoint(
         )
     restore_trainable(model, weights)
     try:
-        optimizer.load_state_dict(files.optimizer)
+        if isinstance(files.optimizer, list):
+            # ZeRO's partitions, one per rank: DeepSpeed's optimizer takes the list and its rank's part,
+            # with the fp32 master weights as saved.
+            getattr(optimizer, "optimizer", optimizer).load_state_dict(files.optimizer, load_from_fp32_weights=True)
+        else:
+            optimizer.load_state_dict(files.optimizer)
     except (ValueError, KeyError) as exc:
         raise UsageError(f"{path / 'optimizer.pt'}: does not fit this run's optimizer ({exc}).") from None
+    if scaler is not None and files.scaler is not None:
+        scaler.load_state_dict(files.scaler)
     set_rng_state(files.rng)
     defaults = {f.name: f.default for f in fields(LoopState)}
     saved_loop = dict(record["loop"])

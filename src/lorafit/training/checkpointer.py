@@ -46,6 +46,10 @@ class Checkpointer:
     warn: Callable[[str], None] = lambda message: None
     save_adapter_to: Callable[[Path, LoopState], None] | None = None  # each checkpoint's adapter/ (LoRA)
     is_main_process: bool = True
+    scaler: torch.amp.GradScaler | None = None  # fp16's loss scale, saved and restored with the rest
+    world_size: int = 1  # processes of the run: a checkpoint resumes only under the same number
+    partitioned_optimizer: bool = False  # DeepSpeed ZeRO: each rank holds part of the optimizer state
+    barrier: Callable[[], None] = lambda: None  # every process waits here (a no-op in one process)
     base_record: dict = field(default_factory=dict)  # the base's measurements, for a resumed run's report
     rollbacks: int = 0
     last_position: dict = field(default_factory=dict)  # the data position after the newest step
@@ -61,11 +65,23 @@ class Checkpointer:
 
     def save(self, state: LoopState, position: dict, metrics_lines: int | None = None) -> Path | None:
         """Checkpoint step `state.step` at `position`; `metrics_lines` is how many metrics lines belong
-        to it (default: all written so far)."""
+        to it (default: all written so far). Every process calls it: under ZeRO each hands over its
+        part of the optimizer state; only the first writes."""
+        optimizer_state = None
+        if self.partitioned_optimizer:
+            from accelerate.utils import gather_object
+
+            optimizer_state = gather_object([self.optimizer.state_dict()])
         if not self.is_main_process:
             return None
         lines = metrics_line_count(self.folder.metrics) if metrics_lines is None else metrics_lines
-        record = {"position": position, "fingerprints": self.fingerprints, **self.base_record, "metrics_lines": lines}
+        record = {
+            "position": position,
+            "fingerprints": self.fingerprints,
+            **self.base_record,
+            "metrics_lines": lines,
+            "world_size": self.world_size,
+        }
         save_adapter = None
         if self.save_adapter_to is not None:
 
@@ -80,10 +96,13 @@ class Checkpointer:
             record,
             save_adapter_to=save_adapter,
             keep=self.train.keep_checkpoints,
+            scaler=self.scaler,
+            optimizer_state=optimizer_state,
         )
 
     def saved_or_save(self, state: LoopState, position: dict, metrics_lines: int | None = None) -> Path | None:
         """The checkpoint of step `state.step`, written now unless it already is (an interruption)."""
+        self.barrier()  # the first process has finished writing what it was writing
         saved = self.folder.checkpoints / f"step-{state.step}"
         if (saved / "state.json").is_file():
             return saved
@@ -103,7 +122,7 @@ class Checkpointer:
             ) from None
         self.rollbacks += 1
         good, files = newest_readable(found, self.warn)
-        state, record = load_checkpoint(good, self.model, self.optimizer, files)
+        state, record = load_checkpoint(good, self.model, self.optimizer, files, self.scaler)
         state.rollback_lr_scale *= self.train.rollback_lr_factor
         keep_metrics_up_to(self.folder.metrics, state.step)
         # metrics.jsonl's rollback event keeps its documented key, lr_scale.
@@ -125,7 +144,14 @@ class Checkpointer:
                 f"--resume {checkpoint}: the inputs changed since it was written ({'; '.join(changes)}); "
                 "restore them, or pass --ignore-changes to resume anyway (the result is then not exact)."
             )
-        state, record = load_checkpoint(checkpoint, self.model, self.optimizer, files)
+        saved_world = files.record.get("world_size", 1)
+        if saved_world != self.world_size:
+            raise UsageError(
+                f"--resume {checkpoint}: written by a run of {saved_world} process(es), resumed with "
+                f"{self.world_size}; each rank's share of the data and the batch depend on it. Resume with "
+                f"--num-processes {saved_world}."
+            )
+        state, record = load_checkpoint(checkpoint, self.model, self.optimizer, files, self.scaler)
         keep_metrics_up_to(self.folder.metrics, state.step, record.get("metrics_lines"))
         self.base_record = {key: record.get(key) for key in ("before", "general_before")}
         return Resumed(checkpoint=checkpoint, state=state, position=record["position"], record=record)

@@ -35,7 +35,8 @@ class LoopState:
     step: int = 0
     tokens_seen: int = 0
     train_seconds: float = 0.0
-    skipped_steps: int = 0
+    skipped_steps: int = 0  # non-finite loss or gradients: failures, counted towards a rollback
+    overflow_steps: int = 0  # fp16 gradients beyond float16's range: skipped by the loss scaler, not failures
     best_valid_loss: float = math.inf
     best_step: int = -1
     evals_without_improvement: int = 0
@@ -69,6 +70,8 @@ class LoopEngine:
     optimizer: torch.optim.Optimizer
     blocks: BlockTensors
     autocast: Callable
+    scaler: torch.amp.GradScaler | None = None  # fp16's dynamic loss scale; None for bf16/fp32
+    deepspeed: object | None = None  # the DeepSpeedEngine under DeepSpeed: it backpropagates, clips and steps
 
 
 @dataclass
@@ -122,7 +125,7 @@ def train_loop(
         while True:
             try:
                 loss_sum, targets, step_blocks = accumulate_gradients(
-                    accelerator, objective, blocks, stream, state, autocast
+                    accelerator, objective, blocks, stream, state, autocast, engine.scaler, engine.deepspeed
                 )
                 break
             except OUT_OF_MEMORY:
@@ -151,12 +154,20 @@ def train_loop(
                     }
                 )
 
-        grad_norm = float(accelerator.clip_grad_norm_(params, train.max_grad_norm or math.inf))
         loss = loss_sum / max(targets, 1)
-        if math.isfinite(grad_norm) and math.isfinite(loss):
-            optimizer.step()
+        if engine.deepspeed is not None:
+            outcome, grad_norm = deepspeed_step(engine.deepspeed, loss)
+        else:
+            if engine.scaler is not None:
+                engine.scaler.unscale_(optimizer)  # clipping and the norm see the true gradients
+            grad_norm = float(accelerator.clip_grad_norm_(params, train.max_grad_norm or math.inf))
+            outcome = optimizer_step(engine, loss, grad_norm)
+        if outcome == "stepped":
             state.bad_in_row = 0
             warn_on_spike(state, loss, train.spike_factor, log_metrics)
+        elif outcome == "overflow":
+            state.overflow_steps += 1
+            log_metrics({"step": state.step + 1, "event": "overflow", "loss_scale": loss_scale(engine)})
         else:
             state.skipped_steps += 1
             state.bad_in_row += 1
@@ -186,13 +197,68 @@ def train_loop(
             progress.update(task, advance=1, loss=loss, lr=lr, tps=tokens_per_second)
 
         if train.eval_every and state.step % train.eval_every == 0 and state.step < train.max_steps:
-            record_validation(state, objective, hooks.validate(), train.early_stopping_patience, log_metrics)
+            record_validation(
+                state, accelerator.unwrap_model(objective), hooks.validate(), train.early_stopping_patience, log_metrics
+            )
         hooks.on_step_end(state, stream.position())
         faults.after_step(state.step)
-        if hooks.stop_requested() and state.step < train.max_steps and not state.stopped_early:
+        if any_rank(accelerator, hooks.stop_requested()) and state.step < train.max_steps and not state.stopped_early:
             state.interrupted_by = "signal"
             break
     return state
+
+
+# Below this loss scale fp16 gradients overflow for another reason than their size (inf or NaN
+# from the data or the weights): such steps count as failures, as in bf16/fp32.
+MIN_LOSS_SCALE = 1.0
+
+
+def optimizer_step(engine: LoopEngine, loss: float, grad_norm: float) -> str:
+    """Take the step, or not: 'stepped'; 'overflow' (fp16 only: finite loss, gradients beyond
+    float16 — the scaler skips the step and halves its scale, as it is meant to); 'non-finite'."""
+    scaler, optimizer = engine.scaler, engine.optimizer
+    if scaler is None:
+        if math.isfinite(grad_norm) and math.isfinite(loss):
+            optimizer.step()
+            return "stepped"
+        return "non-finite"
+    scale = scaler.get_scale()
+    if math.isfinite(loss):
+        scaler.step(optimizer)  # skips the update itself when the gradients hold inf/NaN
+    scaler.update()
+    if not math.isfinite(loss):
+        return "non-finite"
+    if math.isfinite(grad_norm):
+        return "stepped"
+    return "overflow" if scale > MIN_LOSS_SCALE else "non-finite"
+
+
+def deepspeed_step(deepspeed, loss: float) -> tuple[str, float]:
+    """DeepSpeed's own step at the accumulation boundary (clipping, the fp16 loss scale, skipping
+    steps whose gradients overflow); returns the outcome as optimizer_step names it, and the norm."""
+    deepspeed.step()
+    norm = deepspeed.get_global_grad_norm()
+    grad_norm = float(norm) if norm is not None else math.nan
+    overflowed = bool(getattr(deepspeed.optimizer, "overflow", False))
+    if not math.isfinite(loss):
+        return "non-finite", grad_norm
+    if overflowed:
+        return ("overflow" if deepspeed.fp16_enabled() else "non-finite"), math.nan
+    return "stepped", grad_norm
+
+
+def loss_scale(engine: LoopEngine) -> float | None:
+    if engine.deepspeed is not None:
+        return float(getattr(engine.deepspeed.optimizer, "loss_scale", 0.0)) or None
+    return engine.scaler.get_scale() if engine.scaler is not None else None
+
+
+def any_rank(accelerator, flag: bool) -> bool:
+    """True when `flag` is true on any process (a signal may reach one rank only)."""
+    if accelerator.num_processes == 1:
+        return flag
+    value = torch.tensor(float(flag), device=accelerator.device)
+    return bool(accelerator.reduce(value, reduction="sum") > 0)
 
 
 # CUDA's OOM error, and host RAM exhaustion where Python gets to see it.
@@ -210,9 +276,17 @@ class UnstableTrainingError(Exception):
 
 
 def accumulate_gradients(
-    accelerator, objective, blocks: BlockTensors, stream: BlockStream, state: LoopState, autocast: Callable
+    accelerator,
+    objective,
+    blocks: BlockTensors,
+    stream: BlockStream,
+    state: LoopState,
+    autocast: Callable,
+    scaler: torch.amp.GradScaler | None = None,
+    deepspeed=None,
 ) -> tuple[float, int, list[int]]:
-    """Forward/backward over one optimizer step's micro-batches; returns (loss sum, targets, block ids)."""
+    """Forward/backward over one optimizer step's micro-batches; returns (loss sum, targets, block
+    ids) — the loss and targets summed over every rank, so each logs the loss of the whole batch."""
     indices = [stream.next_indices() for _ in range(state.grad_accum)]
     micro_batches = [blocks.batch(i, accelerator.device) for i in indices]
     faults.before_backward(state.step + 1)
@@ -220,15 +294,25 @@ def accumulate_gradients(
     global_targets = accelerator.reduce(targets, reduction="sum") if accelerator.num_processes > 1 else targets
     # DDP averages gradients over ranks; multiplying by world size turns that into a sum.
     scale = accelerator.num_processes / global_targets.clamp(min=1).float()
-    loss_sum = 0.0
+    scale = scale * faults.gradient_factor(state.step + 1)
+    loss_sum = torch.zeros((), device=accelerator.device)
     for index, batch in enumerate(micro_batches):
         last = index == len(micro_batches) - 1
         sync = nullcontext() if last else accelerator.no_sync(objective)
         with sync, autocast():
             micro_loss = objective(**batch) * faults.loss_factor(state.step + 1)
-        accelerator.backward(micro_loss * scale)
-        loss_sum += float(micro_loss.detach())
-    return loss_sum, int(targets), [int(i) for batch in indices for i in batch]
+        scaled = micro_loss * scale
+        if deepspeed is not None:
+            # The boundary is ours: DeepSpeed reduces the gradients there, and steps in deepspeed_step.
+            # The loss is already normalised over the whole accumulated batch (no division by it).
+            deepspeed.set_gradient_accumulation_boundary(last)
+            deepspeed.backward(scaled, scale_wrt_gas=False)
+        else:
+            accelerator.backward(scaler.scale(scaled) if scaler is not None else scaled)
+        loss_sum += micro_loss.detach().float()
+    if accelerator.num_processes > 1:
+        loss_sum = accelerator.reduce(loss_sum, reduction="sum")
+    return float(loss_sum), int(global_targets), [int(i) for batch in indices for i in batch]
 
 
 def warn_on_spike(state: LoopState, loss: float, factor: float, log_metrics: Callable[[dict], None]) -> None:

@@ -30,13 +30,14 @@ def run_summary(
     parameters: dict,
     settings: dict,
 ) -> RunSummary:
-    """summary.json's training figures; `settings`: resumed_from, precision, device, rollbacks."""
+    """summary.json's training figures; `settings`: resumed_from, precision, device, rollbacks, processes."""
     return RunSummary(
         base_model=inputs.ref.name,
         steps=state.step,
         stopped_early=state.stopped_early,
         best_step=state.best_step,
         skipped_steps=state.skipped_steps,
+        overflow_steps=state.overflow_steps,
         micro_batch_size=state.micro_batch_size,
         grad_accum=state.grad_accum,
         valid_loss_before=before.loss,

@@ -9,8 +9,10 @@ from rich.console import Console
 from lorafit.artifacts import RunFolder
 from lorafit.config import RunConfig
 from lorafit.errors import TrainingInterruptedError
+from lorafit.model.device import default_device, resolve_precision
 from lorafit.outputs import output_folder
 from lorafit.training.checkpoint import list_checkpoints
+from lorafit.training.engines import make_accelerator
 from lorafit.training.guards import StopRequests
 from lorafit.training.run_folder import REPREPARED, check_run_folder, claim_run_folder
 from lorafit.training.training_run import RunResult, TrainingRun
@@ -32,24 +34,57 @@ def run_training(
     the first training step stops at once and leaves the folder restartable as it is."""
     console = console or Console()
     folder = RunFolder(Path(out_dir or config.out))
+    device = default_device()
+    processes = make_accelerator(config.train, resolve_precision(config.train.precision, device), device.type)
+    if not processes.is_main_process:
+        # The first process checks, claims and locks the run folder; the others follow its decision
+        # and print nothing (the first one's output is the run's).
+        console = Console(quiet=True)
+        with StopRequests(deferred=False) as stops:
+            resuming = main_decision(processes, None)
+            return _run_stages(config, folder, console, stops, processes, resuming, resume, ignore_changes)
     check_run_folder(folder.root, overwrite, resuming=resume is not None)
     # A run refused on its inputs leaves nothing (the documents it prepared are made again by a retry).
     with (
         output_folder(folder.root, "run", "lorafit train", disposable=REPREPARED),
         StopRequests(deferred=False) as stops,
     ):
-        resuming = claim_run_folder(folder.root, resume, console)
-        try:
-            run = TrainingRun(config, folder, console, stops)
-            run.set_up()
-            if resuming:
-                run.resume(resume, ignore_changes)
-            else:
-                run.start()
-            run.train()
-            return run.finish()
-        except KeyboardInterrupt:
-            raise interrupted_at_once(folder.root, stops.signal_name or "SIGINT") from None
+        resuming = main_decision(processes, claim_run_folder(folder.root, resume, console))
+        return _run_stages(config, folder, console, stops, processes, resuming, resume, ignore_changes)
+
+
+def _run_stages(
+    config: RunConfig,
+    folder: RunFolder,
+    console: Console,
+    stops: StopRequests,
+    accelerator,
+    resuming: bool,
+    resume: str | None,
+    ignore_changes: bool,
+) -> RunResult:
+    try:
+        run = TrainingRun(config, folder, console, stops, accelerator)
+        run.set_up()
+        if resuming:
+            run.resume(resume, ignore_changes)
+        else:
+            run.start()
+        run.train()
+        return run.finish()
+    except KeyboardInterrupt:
+        raise interrupted_at_once(folder.root, stops.signal_name or "SIGINT") from None
+
+
+def main_decision(processes, value):
+    """The first process's `value` on every process (the others pass None); a barrier as well."""
+    if processes.num_processes == 1:
+        return value
+    from accelerate.utils import broadcast_object_list
+
+    box = [value]
+    broadcast_object_list(box, from_process=0)
+    return box[0]
 
 
 def interrupted_at_once(out_dir: Path, signal_name: str) -> TrainingInterruptedError:

@@ -27,12 +27,20 @@ from lorafit.evaluation.core import MeasuredModel, measure_model
 from lorafit.evaluation.report import read_curves, training_cost
 from lorafit.integrity import read_json_file
 from lorafit.io import append_jsonl, write_json_atomic, write_text_atomic
-from lorafit.model.device import autocast_context, compute_dtype, default_device, peak_rss_mb, resolve_precision
+from lorafit.model.device import (
+    autocast_context,
+    compute_dtype,
+    default_device,
+    loss_scaler,
+    peak_rss_mb,
+    resolve_precision,
+)
 from lorafit.model.load import weights_fingerprint
 from lorafit.model.lora import changes_base_weights, optimizer_groups
 from lorafit.model.prepare import prepare_trainable_model
 from lorafit.training import faults
 from lorafit.training.checkpointer import Checkpointer
+from lorafit.training.engines import launched_with_deepspeed
 from lorafit.training.guards import StopRequests
 from lorafit.training.inputs import describe_data, prepare_run_inputs
 from lorafit.training.loop import (
@@ -82,6 +90,7 @@ class RunResult:
 
     out_dir: Path
     run_summary: RunSummary
+    main_process: bool = True  # False in the other processes of a multi-process run (they save nothing)
 
     @property
     def summary(self) -> dict:
@@ -101,7 +110,8 @@ class RunResult:
 
 
 class TrainingRun:
-    def __init__(self, config: RunConfig, folder: RunFolder, console: Console, stops: StopRequests):
+    def __init__(self, config: RunConfig, folder: RunFolder, console: Console, stops: StopRequests, accelerator):
+        self.accelerator = accelerator  # engines.make_accelerator: one process, DDP or DeepSpeed
         self.config = config.model_copy(update={"out": str(folder.root)})
         self.folder, self.console, self.stops = folder, console, stops
         self.train_cfg = self.config.train
@@ -112,23 +122,26 @@ class TrainingRun:
 
     def set_up(self) -> None:
         """Check and read every input, then load the model and build the objective and optimizer."""
-        from accelerate import Accelerator
-
         device = default_device()
         self.precision = resolve_precision(self.train_cfg.precision, device)
-        # lorafit applies autocast itself (train.precision); accelerate's own mixed-precision state is a
-        # process-wide singleton that could not change between runs in one process (tests, notebooks).
-        self.accelerator = Accelerator(mixed_precision="no", cpu=device.type == "cpu")
         self.device = self.accelerator.device
         self.autocast = functools.partial(autocast_context, self.precision, self.device)
+        self.deepspeed_run = launched_with_deepspeed()
+        self.scaler = None if self.deepspeed_run else loss_scaler(self.precision, self.device)
         seed_everything(self.train_cfg.seed)
-        self.inputs = prepare_run_inputs(self.config, self.folder, self.device, self.console)
+        # The first process prepares (and caches) the documents; the others then read its results.
+        with self.accelerator.main_process_first():
+            self.inputs = prepare_run_inputs(self.config, self.folder, self.device, self.console)
         self.inputs.evaluation.autocast = self.autocast
-        ref = self.inputs.ref
+        ref, train, processes = self.inputs.ref, self.train_cfg, self.accelerator.num_processes
         self.console.print(f"[bold]base[/] {ref.name}  [bold]precision[/] {self.precision}  [bold]device[/] {device}")
         self.console.print(
             f"[bold]data[/] {describe_data(self.inputs.blocks.stats, self.inputs.documents.formats)}; "
-            f"{len(self.inputs.blocks.train)} blocks of {self.train_cfg.seq_len}"
+            f"{len(self.inputs.blocks.train)} blocks of {train.seq_len}"
+        )
+        self.console.print(
+            f"[bold]batch[/] {train.micro_batch_size} blocks x {train.grad_accum} accumulation x {processes} "
+            f"process(es) = {train.micro_batch_size * train.grad_accum * processes} blocks per step"
         )
         self._build_model()
         self.base_record = BaseModelRecord(
@@ -148,6 +161,10 @@ class TrainingRun:
             warn=lambda message: self.console.print(f"[yellow]{escape(message)}[/]"),
             save_adapter_to=None if self.trainable.method == "full" else self._save_checkpoint_adapter,
             is_main_process=self.accelerator.is_main_process,
+            scaler=self.scaler,
+            world_size=self.accelerator.num_processes,
+            partitioned_optimizer=self.deepspeed_run,
+            barrier=self.accelerator.wait_for_everyone,
         )
 
     def _build_model(self) -> None:
@@ -178,7 +195,10 @@ class TrainingRun:
             weight_decay=train.weight_decay,
         )
         self.objective, self.optimizer = self.accelerator.prepare(objective, optimizer)
-        self.tuned_model = self.accelerator.unwrap_model(self.objective).model
+        # Measurements run on the unwrapped module: a DDP module's forward is a collective (it
+        # broadcasts buffers), which would hang when only the first process measures.
+        self.eval_objective = self.accelerator.unwrap_model(self.objective)
+        self.tuned_model = self.eval_objective.model
 
     def _save_checkpoint_adapter(self, folder: Path, state: LoopState) -> None:
         save_adapter(self.tuned_model, folder, {"step": state.step}, self.initial_adapter)
@@ -190,7 +210,7 @@ class TrainingRun:
     def validate(self, blocks=None) -> LossResult:
         """Validation loss on `blocks` (default: the periodic validations' capped blocks)."""
         blocks = self.inputs.capped_valid if blocks is None else blocks
-        return evaluate_loss(self.objective, blocks, self.train_cfg.micro_batch_size, self.device, self.autocast)
+        return evaluate_loss(self.eval_objective, blocks, self.train_cfg.micro_batch_size, self.device, self.autocast)
 
     # --- start or resume ---------------------------------------------------------------------------
 
@@ -199,7 +219,8 @@ class TrainingRun:
         initialisation computes the base model's function), kept in base_outputs.json."""
         # Written once every input has been checked: a run that failed on bad input leaves no
         # config.yaml behind, so retrying into the same --out is not refused as "already a run".
-        write_text_atomic(self.folder.config, config_to_yaml(self.config))
+        if self.accelerator.is_main_process:
+            write_text_atomic(self.folder.config, config_to_yaml(self.config))
         self.console.print("measuring validation perplexity of the base model...")
         faults.at_stage("base")
         before = self.validate(self.inputs.evaluation.domain)
@@ -208,8 +229,10 @@ class TrainingRun:
         if records:
             self.console.print(f"scoring the base model on {len(records)} task records...")
         path, evaluation, cost = self.base_record.path, self.inputs.evaluation, self._base_cost()
-        base = measure_model(self.tuned_model, self.objective, "base", "base", path, evaluation, cost, None, before)
-        write_json_atomic(self.folder.base_outputs, base.outputs)
+        model, objective = self.tuned_model, self.eval_objective
+        base = measure_model(model, objective, "base", "base", path, evaluation, cost, None, before)
+        if self.accelerator.is_main_process:
+            write_json_atomic(self.folder.base_outputs, base.outputs)
         self._keep_base(base)
 
     def resume(self, resume: str, ignore_changes: bool) -> None:
@@ -245,7 +268,16 @@ class TrainingRun:
     def train(self) -> None:
         """The loop to train.max_steps, rolling back after runs of non-finite steps; a signal saves
         a checkpoint and stops with the command that continues exactly."""
-        engine = LoopEngine(self.accelerator, self.objective, self.optimizer, self.inputs.train_tensor, self.autocast)
+        deepspeed = self.objective if self.deepspeed_run else None  # accelerate returns the DeepSpeedEngine
+        engine = LoopEngine(
+            self.accelerator,
+            self.objective,
+            self.optimizer,
+            self.inputs.train_tensor,
+            self.autocast,
+            self.scaler,
+            deepspeed,
+        )
         progress = self.progress
         with self.stops.deferring() as stop_requested, training_progress(self.console) as bar:
             hooks = LoopHooks(self.validate, self.log_metrics, self.checkpointer.on_step_end, stop_requested, bar)
@@ -276,7 +308,11 @@ class TrainingRun:
         metrics_at_loop_end = metrics_line_count(self.folder.metrics)
         try:
             faults.at_stage("finish")
-            return self._finish(state)
+            result = self._finish(state)
+            # The other processes wait for the first to save and measure: a launcher ends a run
+            # whose processes leave at different times.
+            self.accelerator.wait_for_everyone()
+            return result
         except KeyboardInterrupt:
             # (Had the best weights already been restored, the checkpoint holds those; the result is the same.)
             saved = self.checkpointer.saved_or_save(finished_state, finished_position, metrics_at_loop_end)
@@ -301,10 +337,11 @@ class TrainingRun:
                 "precision": self.precision,
                 "device": str(self.device),
                 "rollbacks": self.checkpointer.rollbacks,
+                "processes": self.accelerator.num_processes,
             },
         )
         if not self.accelerator.is_main_process:
-            return RunResult(self.folder.root, summary)
+            return RunResult(self.folder.root, summary, main_process=False)
         saved = self._save(summary)
         summary.saved_to, summary.saved_bytes = str(saved), folder_bytes(saved)
         tuned = self._measure_trained(after, saved)
@@ -317,10 +354,10 @@ class TrainingRun:
         that validated better (early stopping, overfitting). Returns the loss on every block."""
         capped, full = self.inputs.capped_valid, self.inputs.evaluation.domain
         final = self.validate()
-        record_validation(state, self.objective, final, 0, self.log_metrics)
+        record_validation(state, self.eval_objective, final, 0, self.log_metrics)
         restored = state.best_step != state.step and state.best_trainable is not None
         if restored:
-            restore_trainable(self.objective, state.best_trainable)
+            restore_trainable(self.eval_objective, state.best_trainable)
             self.console.print(f"restored the best adapter from step {state.best_step}")
         state.best_trainable = None
         return final if not restored and len(capped) == len(full) else self.validate(full)
@@ -336,8 +373,8 @@ class TrainingRun:
         if self.inputs.evaluation.records:
             self.console.print(f"scoring the {method} model on {len(self.inputs.evaluation.records)} task records...")
         name = "adapter" if method == "lora" else "full fine-tune"
-        evaluation = self.inputs.evaluation
-        return measure_model(self.tuned_model, self.objective, name, method, str(saved), evaluation, {}, None, after)
+        model, objective, evaluation = self.tuned_model, self.eval_objective, self.inputs.evaluation
+        return measure_model(model, objective, name, method, str(saved), evaluation, {}, None, after)
 
     def _write_records(self, summary: RunSummary, base: MeasuredModel, tuned: MeasuredModel) -> None:
         """summary.json, tasks.json and the report, from the two measured sides."""

@@ -1,0 +1,61 @@
+"""The distributed engine a launched run trains under. DDP needs nothing here; DeepSpeed (started
+by `accelerate launch --use_deepspeed`, whose flags or config file choose the ZeRO stage and the
+offloads) gets the settings lorafit's loop owns: the micro-batch, the accumulation, clipping and
+the precision, so one lorafit config means the same run under every engine."""
+
+from __future__ import annotations
+
+import os
+
+from lorafit.config import TrainSection
+
+# What accelerate's mixed-precision argument must say for a resolved train.precision.
+MIXED_PRECISION = {"bf16": "bf16", "fp16": "fp16", "fp32": "no"}
+
+
+def launched_with_deepspeed() -> bool:
+    """True in a process that `accelerate launch --use_deepspeed` (or its config file) started."""
+    return os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
+
+
+def make_accelerator(train: TrainSection, precision: str, device_type: str):
+    """The run's Accelerator: one process, DDP (gloo on a CPU, NCCL on GPUs) or DeepSpeed, as launched.
+
+    lorafit applies autocast itself (train.precision): accelerate's own mixed-precision state is a
+    process-wide singleton that could not change between runs in one process (tests, notebooks).
+    Under DeepSpeed (always a launched process of its own) the engine casts and scales itself, and
+    accelerate is not told `cpu` (it would skip DeepSpeed; DS_ACCELERATOR=cpu serves a CPU)."""
+    from accelerate import Accelerator
+    from accelerate.utils import InitProcessGroupKwargs
+
+    if not launched_with_deepspeed():
+        return Accelerator(mixed_precision="no", cpu=device_type == "cpu")
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    plugin = deepspeed_plugin(train, precision, world_size)
+    # Without a GPU accelerate finds no backend of its own and would take the run for one process.
+    handlers = [InitProcessGroupKwargs(backend="gloo")] if device_type == "cpu" else []
+    return Accelerator(
+        mixed_precision=MIXED_PRECISION[precision], cpu=False, deepspeed_plugin=plugin, kwargs_handlers=handlers
+    )
+
+
+def deepspeed_plugin(train: TrainSection, precision: str, world_size: int):
+    """accelerate's DeepSpeedPlugin as launched (ZeRO stage, offload), with lorafit's batch,
+    accumulation, clipping and precision filled in."""
+    from accelerate.utils import DeepSpeedPlugin
+
+    plugin = DeepSpeedPlugin()
+    config = plugin.deepspeed_config
+    config["train_micro_batch_size_per_gpu"] = train.micro_batch_size
+    config["gradient_accumulation_steps"] = train.grad_accum
+    config["train_batch_size"] = train.micro_batch_size * train.grad_accum * world_size
+    if config.get("gradient_clipping", "auto") == "auto":
+        config["gradient_clipping"] = train.max_grad_norm
+    # The loop's AdamW (with LoRA+'s groups) is the client optimizer DeepSpeed partitions.
+    config["zero_allow_untested_optimizer"] = True
+    # A step whose gradients hold inf/NaN is skipped by DeepSpeed itself in bf16 and fp16 (fp16 with
+    # its dynamic loss scale); in fp32 it checks nothing and lorafit's rollback takes over.
+    config["bf16"] = {"enabled": precision == "bf16", "check_grad_overflow": True}
+    config["fp16"] = {"enabled": precision == "fp16", "loss_scale": 0, "initial_scale_power": 16}
+    plugin.gradient_accumulation_steps = train.grad_accum
+    return plugin

@@ -5,7 +5,10 @@ Same model (the embedded SmolLM2-135M-Instruct), same packed blocks in the same 
 The peer gets its best CPU settings: bf16=True (autocast), no gradient checkpointing, no workers.
 Each side runs in its own process so its peak RSS is its own.
 
-    .venv/bin/python bench/train_throughput.py [--steps 30] [--data FILE.jsonl]
+    .venv/bin/python bench/train_throughput.py [--steps 30] [--data FILE.jsonl] [--model FOLDER]
+
+On a CUDA machine both sides train on the GPU (the peer with bf16=True, lorafit with precision
+auto); --model takes any local Llama-architecture folder instead of the embedded model.
 
 Ends with: RESULT tokens_per_s_ratio=X peak_rss_ratio=Y loss_lorafit=A loss_peer=B
 (ratios are lorafit / peer; tokens/s skips the first --skip steps of each side; the losses are
@@ -30,7 +33,7 @@ SEQ_LEN, BATCH, LR, WARMUP = 512, 4, 2e-4, 2
 LORA = {"r": 8, "alpha": 32, "dropout": 0.05, "target_modules": ["q_proj", "v_proj"], "use_rslora": False}
 
 
-def blocks_in_lorafit_order(data: Path, steps: int):
+def blocks_in_lorafit_order(data: Path, steps: int, model: str = ""):
     """The packed blocks each optimizer step sees, in lorafit's (seeded) order."""
     import torch
 
@@ -40,7 +43,7 @@ def blocks_in_lorafit_order(data: Path, steps: int):
     from lorafit.data.tokenize import tokenize_cached
     from lorafit.model.load import load_tokenizer, resolve_base
 
-    tokenizer = load_tokenizer(resolve_base(""))
+    tokenizer = load_tokenizer(resolve_base(model))
     documents, _ = load_prepared_jsonl([data])
     packed = pack_documents(tokenize_cached([d.text for d in documents], tokenizer), tokenizer.eos_token_id, SEQ_LEN)
     blocks = torch.as_tensor(packed.input_ids)
@@ -48,14 +51,14 @@ def blocks_in_lorafit_order(data: Path, steps: int):
     return torch.cat([blocks[stream.next_indices()] for _ in range(steps)])
 
 
-def run_peer(data: Path, steps: int) -> dict:
+def run_peer(data: Path, steps: int, model_spec: str = "") -> dict:
     import torch
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, Trainer, TrainerCallback, TrainingArguments
 
-    from lorafit.model.embedded import embedded_model_folder
+    from lorafit.model.load import resolve_base
 
-    ordered = blocks_in_lorafit_order(data, steps)
+    ordered = blocks_in_lorafit_order(data, steps, model_spec)
 
     class Blocks(torch.utils.data.Dataset):
         def __len__(self):
@@ -75,7 +78,7 @@ def run_peer(data: Path, steps: int) -> dict:
             if logs and "loss" in logs:
                 self.losses.append(float(logs["loss"]))
 
-    model = AutoModelForCausalLM.from_pretrained(embedded_model_folder())
+    model = AutoModelForCausalLM.from_pretrained(resolve_base(model_spec).path, attn_implementation="sdpa")
     model = get_peft_model(
         model,
         LoraConfig(
@@ -99,7 +102,7 @@ def run_peer(data: Path, steps: int) -> dict:
             weight_decay=0.0,
             max_grad_norm=1.0,
             bf16=True,
-            use_cpu=True,
+            use_cpu=not torch.cuda.is_available(),
             logging_steps=1,
             save_strategy="no",
             report_to=[],
@@ -117,7 +120,7 @@ def run_peer(data: Path, steps: int) -> dict:
     return {"step_ends": [t - started for t in timing.step_ends], "losses": timing.losses, "peak_rss_mb": peak_rss_mb()}
 
 
-def run_lorafit(data: Path, steps: int) -> dict:
+def run_lorafit(data: Path, steps: int, model_spec: str = "") -> dict:
     from lorafit.config_files import build_config
     from lorafit.training.run import run_training
 
@@ -126,6 +129,7 @@ def run_lorafit(data: Path, steps: int) -> dict:
             {
                 # An explicit validation file keeps every training document in, so both sides pack
                 # exactly the same blocks.
+                "model": {"base": model_spec},
                 "data": {"train": [str(data)], "valid": [str(valid_file(data, Path(out)))]},
                 "lora": LORA,
                 "train": {
@@ -166,10 +170,10 @@ def valid_file(data: Path, out: Path, documents: int = 3) -> Path:
     return path
 
 
-def child(side: str, data: Path, steps: int) -> dict:
+def child(side: str, data: Path, steps: int, model: str = "") -> dict:
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     proc = subprocess.run(
-        [sys.executable, __file__, "--child", side, "--data", str(data), "--steps", str(steps)],
+        [sys.executable, __file__, "--child", side, "--data", str(data), "--steps", str(steps), "--model", model],
         capture_output=True,
         text=True,
         env=env,
@@ -184,10 +188,12 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--skip", type=int, default=2, help="first steps left out of tokens/s (warm-up)")
     parser.add_argument("--data", type=Path, default=DEFAULT_DATA)
+    parser.add_argument("--model", default="", help="a local model folder (default: the embedded model)")
     parser.add_argument("--child", choices=["peer", "lorafit"], help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        result = run_peer(args.data, args.steps) if args.child == "peer" else run_lorafit(args.data, args.steps)
+        run = run_peer if args.child == "peer" else run_lorafit
+        result = run(args.data, args.steps, args.model)
         print(json.dumps(result))
         return
     if not args.data.is_file():
@@ -197,17 +203,18 @@ def main() -> None:
     import torch
     import transformers
 
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none"
     print(
-        f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores; torch {torch.__version__}, "
-        f"transformers {transformers.__version__}, peft {peft.__version__}"
+        f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, GPU {gpu}; torch "
+        f"{torch.__version__}, transformers {transformers.__version__}, peft {peft.__version__}"
     )
     print(
-        f"settings: SmolLM2-135M-Instruct, LoRA {LORA}, batch {BATCH} x {SEQ_LEN}, {args.steps} steps, lr {LR}, "
-        f"data {args.data}"
+        f"settings: {args.model or 'SmolLM2-135M-Instruct'}, LoRA {LORA}, batch {BATCH} x {SEQ_LEN}, {args.steps} "
+        f"steps, lr {LR}, data {args.data}"
     )
-    child("lorafit", args.data, 1)  # fills the model and token caches so neither side pays for them
-    peer = child("peer", args.data, args.steps)
-    ours = child("lorafit", args.data, args.steps)
+    child("lorafit", args.data, 1, args.model)  # fills the model and token caches so neither side pays for them
+    peer = child("peer", args.data, args.steps, args.model)
+    ours = child("lorafit", args.data, args.steps, args.model)
 
     tokens = SEQ_LEN * BATCH * (args.steps - args.skip)
     peer_seconds = peer["step_ends"][-1] - peer["step_ends"][args.skip - 1]

@@ -25,14 +25,20 @@ if ! command -v chromium >/dev/null 2>&1; then
 fi
 # GGUF exports are checked in a real llama.cpp runtime (llama-cpp-python). PyPI has it only as
 # source, which builds in about 10 minutes here: built once into a wheel cache, installed from it.
+# The build is portable x86-64 with AVX2/AVX-512 rather than -march=native: on a Xeon with AMX,
+# where the sandbox does not grant the AMX tile state, a native build's AMX kernels crash every
+# decode (general protection fault in libggml-cpu). The build's name keys the cache and the venv
+# (--no-cache-dir: pip's own wheel cache ignores CMAKE_ARGS and would hand back a native build).
 LLAMA_CPP=llama-cpp-python==0.3.36
-WHEELS="${XDG_CACHE_HOME:-$HOME/.cache}/lorafit/wheels"
-if ! .venv/bin/python -c "import llama_cpp" >/dev/null 2>&1; then
+LLAMA_CPP_BUILD=portable-avx512-1
+LLAMA_CPP_CMAKE="-DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_AVX512=ON"
+WHEELS="${XDG_CACHE_HOME:-$HOME/.cache}/lorafit/wheels/$LLAMA_CPP_BUILD"
+if [ "$(cat .venv/.llama-cpp-build 2>/dev/null)" != "$LLAMA_CPP_BUILD" ]; then
   if ! ls "$WHEELS"/llama_cpp_python-0.3.36-*.whl >/dev/null 2>&1; then
-    echo "setup: building $LLAMA_CPP once into $WHEELS (about 10 minutes) ..."
+    echo "setup: building $LLAMA_CPP ($LLAMA_CPP_BUILD) once into $WHEELS (about 10 minutes) ..."
     mkdir -p "$WHEELS"
-    if ! CMAKE_BUILD_PARALLEL_LEVEL="$(nproc)" .venv/bin/python -m pip wheel --quiet --no-deps \
-        --disable-pip-version-check "$LLAMA_CPP" -w "$WHEELS"; then
+    if ! CMAKE_ARGS="$LLAMA_CPP_CMAKE" CMAKE_BUILD_PARALLEL_LEVEL="$(nproc)" .venv/bin/python -m pip wheel --quiet --no-cache-dir \
+        --no-deps --disable-pip-version-check "$LLAMA_CPP" -w "$WHEELS"; then
       if [ -n "${CI:-}" ]; then
         echo "setup: could not build $LLAMA_CPP; CI needs it for the GGUF export checks" >&2
         exit 1
@@ -41,8 +47,10 @@ if ! .venv/bin/python -c "import llama_cpp" >/dev/null 2>&1; then
     fi
   fi
   if ls "$WHEELS"/llama_cpp_python-0.3.36-*.whl >/dev/null 2>&1; then
-    .venv/bin/python -m pip install --quiet --disable-pip-version-check --no-deps "$WHEELS"/llama_cpp_python-0.3.36-*.whl
+    .venv/bin/python -m pip install --quiet --disable-pip-version-check --no-deps --force-reinstall \
+      "$WHEELS"/llama_cpp_python-0.3.36-*.whl
     .venv/bin/python -m pip install --quiet --disable-pip-version-check -c constraints.txt diskcache
+    echo "$LLAMA_CPP_BUILD" > .venv/.llama-cpp-build
   fi
 fi
 # The model-family tests use llama.cpp's own files as outside references: the vocab-only GGUFs of

@@ -159,7 +159,7 @@ REFUSED = [
     (["eval", *ADAPTER, "--out", "new", "--batch-size", "0"], 2, ["--batch-size"]),
     (["eval", *ADAPTER, "--out", "new", "--max-blocks", "-2"], 2, ["--max-blocks"]),
     (["eval", *ADAPTER, "--out", "new", "--seq-len", "2"], 2, ["--seq-len"]),
-    (["eval", *ADAPTER, "--out", "new", "--precision", "fp16"], 2, ["--precision"]),
+    (["eval", *ADAPTER, "--out", "new", "--precision", "fp8"], 2, ["--precision"]),
     (["merge", "run", "--out", "new", "--max-shard-mb", "0"], 2, ["--max-shard-mb"]),
     (["chat", *ADAPTER, "--max-new-tokens", "0"], 2, ["--max-new-tokens"]),
     # 4. everything rejected: the reasons shown, the fix named for the command that was run

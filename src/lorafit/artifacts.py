@@ -135,7 +135,14 @@ class RunSummary:
     wall_seconds: float | None = None
     extra: dict = field(default_factory=dict, repr=False)
 
-    OPTIONAL = ("general_ppl_before", "general_ppl_after", "general_ppl_change_percent", "tasks")
+    OPTIONAL = (
+        "general_ppl_before",
+        "general_ppl_after",
+        "general_ppl_change_percent",
+        "tasks",
+        "overflow_steps",
+        "processes",
+    )
 
     @classmethod
     def from_json(cls, raw: dict[str, Any]) -> RunSummary:

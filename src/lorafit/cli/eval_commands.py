@@ -63,7 +63,7 @@ def evaluate_models(
         "eval.task_max_new_tokens"
     ),
     precision: Annotated[
-        str | None, typer.Option(help="auto, bf16 or fp32. Default: the run's train.precision.")
+        str | None, typer.Option(help="auto, bf16, fp16 or fp32. Default: the run's train.precision.")
     ] = None,
     allow_base_mismatch: Annotated[
         bool, typer.Option(help="Evaluate adapters even if they record other base weights.")

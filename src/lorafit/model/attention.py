@@ -131,3 +131,18 @@ def use_block_causal_attention(model: torch.nn.Module) -> bool:
     except (ValueError, TypeError):
         return False
     return True
+
+
+def use_cuda_attention(model: torch.nn.Module, half_precision: bool) -> str:
+    """On CUDA: FlashAttention 2 when the flash_attn package is installed and the run computes in
+    bf16/fp16, else PyTorch SDPA (its flash / memory-efficient kernels); returns the one in use."""
+    import importlib.util
+
+    setter = getattr(model, "set_attn_implementation", None)
+    if half_precision and setter is not None and importlib.util.find_spec("flash_attn") is not None:
+        try:
+            setter("flash_attention_2")
+            return "flash_attention_2"
+        except (ValueError, ImportError):  # a flash_attn build that does not fit this GPU or torch
+            pass
+    return "sdpa"  # how load_causal_lm loads every model

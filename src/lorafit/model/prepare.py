@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import torch
 
 from lorafit.config import RunConfig
-from lorafit.model.attention import use_block_causal_attention
+from lorafit.model.attention import use_block_causal_attention, use_cuda_attention
 from lorafit.model.device import compute_dtype
 from lorafit.model.dropout import use_int16_mask_dropout
 from lorafit.model.load import BaseModelRef, load_causal_lm
@@ -40,6 +40,8 @@ def prepare_trainable_model(
     model = load_causal_lm(ref, torch.float32 if full else dtype, quantization)
     if device.type == "cpu" and precision == "bf16":
         use_block_causal_attention(model)
+    elif device.type == "cuda":
+        use_cuda_attention(model, half_precision=precision in ("bf16", "fp16"))
     if quantization is not None:
         model = prepare_quantized(model, config.train.gradient_checkpointing)
     if full:

@@ -51,11 +51,14 @@ def accelerate_command(
         raise UsageError(f"--num-processes {num_processes}: give 1 or more.")
     command = [sys.executable, "-m", "accelerate.commands.launch"]
     if config_file is not None:
-        command += ["--config_file", str(config_file)]
+        if not Path(config_file).is_file():
+            raise UsageError(f"--accelerate-config {config_file}: no such file; see configs/distributed/.")
+        command += ["--config_file", str(config_file), "--num_processes", str(num_processes)]
     else:
         command += ["--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
-        command += ENGINE_FLAGS[engine]
-    command += ["--num_processes", str(num_processes), "--main_process_port", str(port or free_port())]
+        command += [*ENGINE_FLAGS[engine], "--num_processes", str(num_processes)]
+        # One machine: a port free now, so two runs on one machine do not meet at the default port.
+        command += ["--main_process_port", str(port or free_port())]
     return [*command, "-m", "lorafit.cli", "train", *train_args]
 
 

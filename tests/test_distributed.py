@@ -82,6 +82,7 @@ def test_the_two_process_adapter_is_an_ordinary_peft_folder(runs, tiny_model_dir
 
     single, ddp = runs["single"] / "adapter", runs[engine] / "adapter"
     assert sorted(p.name for p in single.iterdir()) == sorted(p.name for p in ddp.iterdir())
+
     def adapter_config(folder):
         config = json.loads((folder / "adapter_config.json").read_text())
         config["target_modules"] = sorted(config["target_modules"])  # PEFT writes a set, in hash order
@@ -129,3 +130,30 @@ def test_the_launch_line_and_engines_not_yet_driven(tmp_path):
     assert yaml.safe_load(shipped.read_text())["deepspeed_config"]["zero_stage"] == 2
     refused = lorafit("train", "run.yaml", "--launcher", "accelerate", "--distributed", "deepspeed-zero3")
     assert refused.returncode == 2 and "not supported by this lorafit yet" in refused.stdout
+
+
+def test_sigterm_to_the_launching_command_stops_every_process_at_a_checkpoint(runs):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    out = runs["tmp"] / "stopped"
+    command = [sys.executable, "-m", "lorafit.cli", "train", str(runs["two"]), "--out", str(out), *two_flags("ddp")]
+    command += ["--set", "train.max_steps=2000"]
+    env = {k: v for k, v in os.environ.items() if k != "LORAFIT_FAULT"}
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    deadline = time.monotonic() + 180
+    while not any('"loss"' in line for line in _lines(out / "metrics.jsonl")) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    process.send_signal(signal.SIGTERM)  # to the launching lorafit only, as a scheduler would
+    output, _ = process.communicate(timeout=180)
+    assert process.returncode != 0
+    assert "Continue exactly with" in " ".join(output.split())
+    saved = sorted((out / "checkpoints").iterdir())
+    assert saved and json.loads((saved[-1] / "state.json").read_text())["world_size"] == 2
+
+
+def _lines(path):
+    return path.read_text().splitlines() if path.is_file() else []

@@ -5,9 +5,11 @@ line and waits for it; it never starts or coordinates processes itself."""
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 from lorafit.errors import UsageError
@@ -63,7 +65,10 @@ def accelerate_command(
 
 
 def launch(command: list[str]) -> int:
-    """Run the launch line in the foreground; its exit status (a signal reaches every process)."""
+    """Run the launch line in the foreground until it ends; its exit status. Ctrl-C reaches every
+    process of the terminal's group already (each finishes its step and checkpoints), so here it
+    only waits; a SIGTERM sent to this process alone is passed on to the launcher, which passes it
+    to the training processes."""
     env = dict(os.environ)
     # Each process gets its share of the cores instead of all of them (torchrun would pick 1).
     if "deepspeed" in " ".join(command) and not _has_accelerator():
@@ -71,7 +76,18 @@ def launch(command: list[str]) -> int:
     if "OMP_NUM_THREADS" not in env:
         processes = int(command[command.index("--num_processes") + 1])
         env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // processes))
-    return subprocess.run(command, env=env).returncode
+    process = subprocess.Popen(command, env=env)
+    if threading.current_thread() is not threading.main_thread():
+        return process.wait()
+    previous = {
+        signal.SIGINT: signal.signal(signal.SIGINT, lambda signum, frame: None),
+        signal.SIGTERM: signal.signal(signal.SIGTERM, lambda signum, frame: process.send_signal(signal.SIGTERM)),
+    }
+    try:
+        return process.wait()
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
 
 
 def _has_accelerator() -> bool:

@@ -35,22 +35,22 @@ def run_training(
     console = console or Console()
     folder = RunFolder(Path(out_dir or config.out))
     device = default_device()
-    processes = make_accelerator(config.train, resolve_precision(config.train.precision, device), device.type)
-    if not processes.is_main_process:
+    accelerator = make_accelerator(config.train, resolve_precision(config.train.precision, device), device.type)
+    if not accelerator.is_main_process:
         # The first process checks, claims and locks the run folder; the others follow its decision
         # and print nothing (the first one's output is the run's).
         console = Console(quiet=True)
         with StopRequests(deferred=False) as stops:
-            resuming = main_decision(processes, None)
-            return _run_stages(config, folder, console, stops, processes, resuming, resume, ignore_changes)
+            resuming = main_decision(accelerator, None)
+            return _run_stages(config, folder, console, stops, accelerator, resuming, resume, ignore_changes)
     check_run_folder(folder.root, overwrite, resuming=resume is not None)
     # A run refused on its inputs leaves nothing (the documents it prepared are made again by a retry).
     with (
         output_folder(folder.root, "run", "lorafit train", disposable=REPREPARED),
         StopRequests(deferred=False) as stops,
     ):
-        resuming = main_decision(processes, claim_run_folder(folder.root, resume, console))
-        return _run_stages(config, folder, console, stops, processes, resuming, resume, ignore_changes)
+        resuming = main_decision(accelerator, claim_run_folder(folder.root, resume, console))
+        return _run_stages(config, folder, console, stops, accelerator, resuming, resume, ignore_changes)
 
 
 def _run_stages(
@@ -76,9 +76,9 @@ def _run_stages(
         raise interrupted_at_once(folder.root, stops.signal_name or "SIGINT") from None
 
 
-def main_decision(processes, value):
+def main_decision(accelerator, value):
     """The first process's `value` on every process (the others pass None); a barrier as well."""
-    if processes.num_processes == 1:
+    if accelerator.num_processes == 1:
         return value
     from accelerate.utils import broadcast_object_list
 

@@ -44,7 +44,7 @@ def train(
         int, typer.Option(help="Processes for --launcher accelerate (one per GPU; on a CPU, cores are shared).")
     ] = 2,
     distributed: Annotated[
-        str, typer.Option(help="Engine for --launcher accelerate: ddp (fsdp, deepspeed-zero2/3: not yet).")
+        str, typer.Option(help="Engine for --launcher accelerate: ddp or deepspeed-zero2 (fsdp, zero3: not yet).")
     ] = "ddp",
     accelerate_config: Annotated[
         Path | None,

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from accelerate.utils import DistributedType
 from rich.console import Console
 from rich.markup import escape
 
@@ -40,7 +41,6 @@ from lorafit.model.lora import changes_base_weights, optimizer_groups
 from lorafit.model.prepare import prepare_trainable_model
 from lorafit.training import faults
 from lorafit.training.checkpointer import Checkpointer
-from lorafit.training.engines import launched_with_deepspeed
 from lorafit.training.guards import StopRequests
 from lorafit.training.inputs import describe_data, prepare_run_inputs
 from lorafit.training.loop import (
@@ -126,7 +126,8 @@ class TrainingRun:
         self.precision = resolve_precision(self.train_cfg.precision, device)
         self.device = self.accelerator.device
         self.autocast = functools.partial(autocast_context, self.precision, self.device)
-        self.deepspeed_run = launched_with_deepspeed()
+        # What the Accelerator was made for (engines.make_accelerator), not the environment read again.
+        self.deepspeed_run = self.accelerator.distributed_type == DistributedType.DEEPSPEED
         self.scaler = None if self.deepspeed_run else loss_scaler(self.precision, self.device)
         seed_everything(self.train_cfg.seed)
         # The first process prepares (and caches) the documents; the others then read its results.

@@ -6,6 +6,8 @@ from __future__ import annotations
 import warnings
 from pathlib import Path
 
+import torch
+
 from lorafit import __version__
 from lorafit.io import write_json_atomic
 from lorafit.outputs import write_folder_atomically
@@ -25,12 +27,22 @@ def save_initial_adapter(peft_model, out_dir: Path) -> Path:
         config.init_lora_weights = init
 
 
-def save_adapter(peft_model, out_dir: Path, metadata: dict, initial_adapter: Path | None = None) -> Path:
+def save_adapter(
+    peft_model,
+    out_dir: Path,
+    metadata: dict,
+    initial_adapter: Path | None = None,
+    weights: dict[str, torch.Tensor] | None = None,
+) -> Path:
     """PEFT folder + lorafit.json. With `initial_adapter` (PiSSA/OLoRA), the saved adapter is
-    converted to a plain LoRA of twice the rank that applies to the original base weights."""
+    converted to a plain LoRA of twice the rank that applies to the original base weights.
+    `weights` (whole trainable tensors by state-dict name) replace the model's own where an engine
+    holds them in parts or in lower precision (ZeRO, FSDP)."""
 
     def write(folder: Path) -> None:
         extra = {"path_initial_model_for_weight_conversion": str(initial_adapter)} if initial_adapter else {}
+        if weights is not None:
+            extra["state_dict"] = on_cpu(weights)
         with warnings.catch_warnings():
             # PEFT loads the initial adapter beside the trained one to convert it, and warns that
             # PiSSA/OLoRA should not be mixed with other adapters: the conversion is the remedy.
@@ -41,15 +53,27 @@ def save_adapter(peft_model, out_dir: Path, metadata: dict, initial_adapter: Pat
     return write_folder_atomically(out_dir, write)
 
 
-def save_full_model(model, tokenizer, out_dir: Path, metadata: dict) -> Path:
-    """A fully fine-tuned model as a plain transformers folder (safetensors, tokenizer, template)."""
+def save_full_model(
+    model, tokenizer, out_dir: Path, metadata: dict, weights: dict[str, torch.Tensor] | None = None
+) -> Path:
+    """A fully fine-tuned model as a plain transformers folder (safetensors, tokenizer, template);
+    `weights` as in save_adapter."""
 
     def write(folder: Path) -> None:
-        model.save_pretrained(folder, safe_serialization=True)
+        extra = {"state_dict": on_cpu(weights)} if weights is not None else {}
+        model.save_pretrained(folder, safe_serialization=True, **extra)
         tokenizer.save_pretrained(folder)
         write_json_atomic(folder / "lorafit.json", {"lorafit_version": __version__, **metadata})
 
     return write_folder_atomically(out_dir, write)
+
+
+def on_cpu(weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """`weights` as the state dict PEFT/transformers save from, on the CPU and as given: a ZeRO
+    master is fp32 where the module computes in bf16, as one process keeps its LoRA weights. The
+    model's own state_dict() is not read: under FSDP it reshards the model in this process alone,
+    and the next forward's gathering would then differ between the processes."""
+    return {name: value.to("cpu") for name, value in weights.items()}
 
 
 def folder_bytes(folder: Path, pattern: str = "*.safetensors") -> int:

@@ -7,6 +7,7 @@ accelerate prepares, so DDP/FSDP see every forward.
 from __future__ import annotations
 
 import torch
+from torch.distributed.tensor import DTensor
 
 from lorafit.compute.loss import fused_lm_loss_sum, reference_lm_loss_sum
 
@@ -35,6 +36,9 @@ class CausalLMObjective(torch.nn.Module):
         inputs = {"input_ids": input_ids, "position_ids": position_ids, "use_cache": False}
         if type(head) is torch.nn.Linear and head.bias is None and decoder is not None:
             hidden = decoder(**inputs).last_hidden_state
-            return fused_lm_loss_sum(hidden, head.weight, labels, self.chunk_tokens, self.compute_dtype)
+            if not isinstance(head.weight, DTensor):
+                return fused_lm_loss_sum(hidden, head.weight, labels, self.chunk_tokens, self.compute_dtype)
+            # An FSDP shard (the output layer not gathered with the decoder's last unit): its own forward.
+            return reference_lm_loss_sum(head(hidden), labels)
         # An adapted or unusual output layer: the plain (memory-hungry) formulation.
         return reference_lm_loss_sum(self.model(**inputs).logits, labels)

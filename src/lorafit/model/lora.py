@@ -178,8 +178,9 @@ def parameter_report(model: torch.nn.Module) -> ParameterReport:
     by_module: dict[str, int] = defaultdict(int)
     trainable = total = 0
     for name, param in model.named_parameters():
-        total += param.numel()
+        numel = getattr(param, "ds_numel", param.numel())  # ZeRO-3 loads weights partitioned: their own size
+        total += numel
         if param.requires_grad:
-            trainable += param.numel()
-            by_module[module_type(name)] += param.numel()
+            trainable += numel
+            by_module[module_type(name)] += numel
     return ParameterReport(trainable=trainable, total=total, by_module=dict(sorted(by_module.items())))

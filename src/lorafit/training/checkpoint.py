@@ -5,7 +5,8 @@ so a crash (even SIGKILL) leaves the previous checkpoints intact and never a hal
 
     trainable.safetensors   trainable parameters (the LoRA weights), by name
     best.safetensors        the best-validation weights so far, when there are any
-    optimizer.pt            optimizer state (under DeepSpeed ZeRO: a list, one partition per rank)
+    optimizer.pt            optimizer state (under DeepSpeed ZeRO: a list, one partition per rank;
+                            under FSDP: the whole state by parameter name)
     scaler.pt               fp16's loss-scaler state (scale, growth tracker), for fp16 runs
     rng.pt                  python, numpy and torch (CPU and CUDA) generator states
     state.json              step, counters, data position (epoch, index), config and data fingerprints
@@ -28,7 +29,8 @@ from lorafit.errors import UsageError
 from lorafit.integrity import DamagedFileError, check_safetensors, read_json_file
 from lorafit.io import to_json
 from lorafit.outputs import write_folder_atomically
-from lorafit.training.loop import LoopState, restore_trainable, trainable_state
+from lorafit.training.loop import LoopState
+from lorafit.training.sharded_state import PLAIN, full_shape, load_optimizer_state, load_trainable_state
 
 _STEP_DIR = re.compile(r"^step-(\d+)$")
 
@@ -50,25 +52,24 @@ def set_rng_state(state: dict) -> None:
 
 def save_checkpoint(
     root: Path,
-    model: torch.nn.Module,
-    optimizer: torch.optim.Optimizer,
+    weights: dict[str, torch.Tensor],
+    optimizer_state: dict | list,
     state: LoopState,
     record: dict,
     save_adapter_to=None,
     keep: int = 3,
     scaler: torch.amp.GradScaler | None = None,
-    optimizer_state: dict | list | None = None,
 ) -> Path:
-    """Write checkpoint `root/step-N` atomically and keep only the newest `keep` of them.
-    `record` (JSON) holds at least the data `position` and the input `fingerprints`; `optimizer_state`
-    replaces `optimizer.state_dict()` (ZeRO's partitions, gathered from every rank)."""
+    """Write checkpoint `root/step-N` atomically and keep only the newest `keep` of them: the whole
+    trainable `weights` and the `optimizer_state` (sharded_state gathers both from every rank).
+    `record` (JSON) holds at least the data `position` and the input `fingerprints`."""
     root.mkdir(parents=True, exist_ok=True)
 
     def write(folder: Path) -> None:
-        save_file(trainable_state(model), str(folder / "trainable.safetensors"))
+        save_file({k: v.contiguous() for k, v in weights.items()}, str(folder / "trainable.safetensors"))
         if state.best_trainable is not None:
             save_file({k: v.contiguous() for k, v in state.best_trainable.items()}, str(folder / "best.safetensors"))
-        torch.save(optimizer.state_dict() if optimizer_state is None else optimizer_state, folder / "optimizer.pt")
+        torch.save(optimizer_state, folder / "optimizer.pt")
         if scaler is not None:
             torch.save(scaler.state_dict(), folder / "scaler.pt")
         torch.save(rng_state(), folder / "rng.pt")
@@ -189,25 +190,22 @@ def load_checkpoint(
     optimizer: torch.optim.Optimizer,
     files: CheckpointFiles | None = None,
     scaler: torch.amp.GradScaler | None = None,
+    engine: str = PLAIN,
 ) -> tuple[LoopState, dict]:
-    """Restore weights, optimizer, loss scale and RNGs in place; returns the loop state and the data position."""
+    """Restore weights, optimizer, loss scale and RNGs in place (every process of a run, together);
+    returns the loop state and the data position."""
     files = files or read_checkpoint(path)
     record, weights = files.record, files.weights
     params = dict(model.named_parameters())
-    foreign = [name for name, t in weights.items() if name not in params or params[name].shape != t.shape]
+    foreign = [name for name, t in weights.items() if name not in params or full_shape(params[name]) != t.shape]
     if foreign:
         raise UsageError(
             f"{path}: checkpoint weights {foreign[:3]} do not fit this model/LoRA set-up (was lora.r or "
             "lora.target_modules changed?); resume with the configuration that wrote it."
         )
-    restore_trainable(model, weights)
+    load_trainable_state(model, weights)
     try:
-        if isinstance(files.optimizer, list):
-            # ZeRO's partitions, one per rank: DeepSpeed's optimizer takes the list and its rank's part,
-            # with the fp32 master weights as saved.
-            getattr(optimizer, "optimizer", optimizer).load_state_dict(files.optimizer, load_from_fp32_weights=True)
-        else:
-            optimizer.load_state_dict(files.optimizer)
+        load_optimizer_state(engine, model, optimizer, files.optimizer)
     except (ValueError, KeyError) as exc:
         raise UsageError(f"{path / 'optimizer.pt'}: does not fit this run's optimizer ({exc}).") from None
     if scaler is not None and files.scaler is not None:

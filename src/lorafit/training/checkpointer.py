@@ -23,6 +23,9 @@ from lorafit.training.checkpoint import (
 )
 from lorafit.training.loop import LoopState, UnstableTrainingError
 from lorafit.training.run_folder import keep_metrics_up_to, metrics_line_count
+from lorafit.training.sharded_state import DEEPSPEED, FSDP, PLAIN, full_trainable_state, optimizer_state
+
+ENGINE_NAMES = {PLAIN: "one process or DDP", DEEPSPEED: "DeepSpeed ZeRO", FSDP: "FSDP"}
 
 
 @dataclass
@@ -44,11 +47,12 @@ class Checkpointer:
     fingerprints: dict  # what a resume must share with the run (config, data, base weights)
     log_metrics: Callable[[dict], None]
     warn: Callable[[str], None] = lambda message: None
-    save_adapter_to: Callable[[Path, LoopState], None] | None = None  # each checkpoint's adapter/ (LoRA)
+    # Each checkpoint's adapter/ (LoRA), from the whole trainable weights the checkpoint holds.
+    save_adapter_to: Callable[[Path, LoopState, dict[str, torch.Tensor]], None] | None = None
     is_main_process: bool = True
     scaler: torch.amp.GradScaler | None = None  # fp16's loss scale, saved and restored with the rest
     world_size: int = 1  # processes of the run: a checkpoint resumes only under the same number
-    partitioned_optimizer: bool = False  # DeepSpeed ZeRO: each rank holds part of the optimizer state
+    engine: str = PLAIN  # sharded_state's engine: how the weights and optimizer state are gathered and restored
     barrier: Callable[[], None] = lambda: None  # every process waits here (a no-op in one process)
     base_record: dict = field(default_factory=dict)  # the base's measurements, for a resumed run's report
     rollbacks: int = 0
@@ -65,13 +69,10 @@ class Checkpointer:
 
     def save(self, state: LoopState, position: dict, metrics_lines: int | None = None) -> Path | None:
         """Checkpoint step `state.step` at `position`; `metrics_lines` is how many metrics lines belong
-        to it (default: all written so far). Every process calls it: under ZeRO each hands over its
-        part of the optimizer state; only the first writes."""
-        optimizer_state = None
-        if self.partitioned_optimizer:
-            from accelerate.utils import gather_object
-
-            optimizer_state = gather_object([self.optimizer.state_dict()])
+        to it (default: all written so far). Every process calls it: under ZeRO and FSDP each hands
+        over its part of the weights and the optimizer state; only the first writes."""
+        weights = full_trainable_state(self.model)
+        optimizer = optimizer_state(self.engine, self.model, self.optimizer)
         if not self.is_main_process:
             return None
         lines = metrics_line_count(self.folder.metrics) if metrics_lines is None else metrics_lines
@@ -81,23 +82,23 @@ class Checkpointer:
             **self.base_record,
             "metrics_lines": lines,
             "world_size": self.world_size,
+            "engine": self.engine,
         }
         save_adapter = None
         if self.save_adapter_to is not None:
 
             def save_adapter(folder: Path) -> None:
-                self.save_adapter_to(folder, state)
+                self.save_adapter_to(folder, state, weights)
 
         return save_checkpoint(
             self.folder.checkpoints,
-            self.model,
-            self.optimizer,
+            weights,
+            optimizer,
             state,
             record,
             save_adapter_to=save_adapter,
             keep=self.train.keep_checkpoints,
             scaler=self.scaler,
-            optimizer_state=optimizer_state,
         )
 
     def saved_or_save(self, state: LoopState, position: dict, metrics_lines: int | None = None) -> Path | None:
@@ -122,7 +123,7 @@ class Checkpointer:
             ) from None
         self.rollbacks += 1
         good, files = newest_readable(found, self.warn)
-        state, record = load_checkpoint(good, self.model, self.optimizer, files, self.scaler)
+        state, record = load_checkpoint(good, self.model, self.optimizer, files, self.scaler, self.engine)
         state.rollback_lr_scale *= self.train.rollback_lr_factor
         keep_metrics_up_to(self.folder.metrics, state.step)
         # metrics.jsonl's rollback event keeps its documented key, lr_scale.
@@ -151,7 +152,15 @@ class Checkpointer:
                 f"{self.world_size}; each rank's share of the data and the batch depend on it. Resume with "
                 f"--num-processes {saved_world}."
             )
-        state, record = load_checkpoint(checkpoint, self.model, self.optimizer, files, self.scaler)
+        # An earlier lorafit recorded no engine: its ZeRO checkpoints are known by their partition list.
+        saved_engine = files.record.get("engine") or (DEEPSPEED if isinstance(files.optimizer, list) else PLAIN)
+        if saved_engine != self.engine:
+            raise UsageError(
+                f"--resume {checkpoint}: written under {ENGINE_NAMES[saved_engine]}, resumed under "
+                f"{ENGINE_NAMES[self.engine]}; the optimizer state is kept in that engine's form. Resume under "
+                f"{ENGINE_NAMES[saved_engine]}."
+            )
+        state, record = load_checkpoint(checkpoint, self.model, self.optimizer, files, self.scaler, self.engine)
         keep_metrics_up_to(self.folder.metrics, state.step, record.get("metrics_lines"))
         self.base_record = {key: record.get(key) for key in ("before", "general_before")}
         return Resumed(checkpoint=checkpoint, state=state, position=record["position"], record=record)

@@ -1,24 +1,32 @@
 """The distributed engine a launched run trains under. DDP needs nothing here; DeepSpeed (started
 by `accelerate launch --use_deepspeed`, whose flags or config file choose the ZeRO stage and the
 offloads) gets the settings lorafit's loop owns: the micro-batch, the accumulation, clipping and
-the precision, so one lorafit config means the same run under every engine."""
+the precision, so one lorafit config means the same run under every engine. FSDP (`accelerate
+launch --use_fsdp`) is applied by lorafit with torch's fully_shard (training/fsdp.py)."""
 
 from __future__ import annotations
 
 import os
+from contextlib import contextmanager
 
 from lorafit.config import TrainSection
+from lorafit.training.sharded_state import DEEPSPEED, FSDP, PLAIN
 
 # What accelerate's mixed-precision argument must say for a resolved train.precision.
 MIXED_PRECISION = {"bf16": "bf16", "fp16": "fp16", "fp32": "no"}
 
 
-def launched_with_deepspeed() -> bool:
-    """True in a process that `accelerate launch --use_deepspeed` (or its config file) started."""
-    return os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
+def launched_engine() -> str:
+    """DEEPSPEED or FSDP in a process that `accelerate launch --use_deepspeed` / `--use_fsdp` (or
+    their config files) started; PLAIN in one process or under DDP."""
+    if os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true":
+        return DEEPSPEED
+    if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true":
+        return FSDP
+    return PLAIN
 
 
-def make_accelerator(train: TrainSection, precision: str, device_type: str):
+def make_accelerator(train: TrainSection, precision: str, device_type: str, engine: str = PLAIN):
     """The run's Accelerator: one process, DDP (gloo on a CPU, NCCL on GPUs) or DeepSpeed, as launched.
 
     lorafit applies autocast itself (train.precision): accelerate's own mixed-precision state is a
@@ -28,7 +36,12 @@ def make_accelerator(train: TrainSection, precision: str, device_type: str):
     from accelerate import Accelerator
     from accelerate.utils import InitProcessGroupKwargs
 
-    if not launched_with_deepspeed():
+    if engine == FSDP:
+        # The processes and their collectives only: lorafit shards the model itself (training/fsdp.py),
+        # so accelerate must not take the run for its own FSDP and prepare the model a second time.
+        with _without_env("ACCELERATE_USE_FSDP"):
+            return Accelerator(mixed_precision="no", cpu=device_type == "cpu")
+    if engine != DEEPSPEED:
         return Accelerator(mixed_precision="no", cpu=device_type == "cpu")
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     plugin = deepspeed_plugin(train, precision, world_size)
@@ -59,3 +72,13 @@ def deepspeed_plugin(train: TrainSection, precision: str, world_size: int):
     config["fp16"] = {"enabled": precision == "fp16", "loss_scale": 0, "initial_scale_power": 16}
     plugin.gradient_accumulation_steps = train.grad_accum
     return plugin
+
+
+@contextmanager
+def _without_env(name: str):
+    saved = os.environ.pop(name, None)
+    try:
+        yield
+    finally:
+        if saved is not None:
+            os.environ[name] = saved

@@ -23,7 +23,7 @@ ENGINE_FLAGS = {
     "deepspeed-zero3": ["--use_deepspeed", "--zero_stage", "3"],
 }
 # Engines the training run drives today; the others are refused before anything starts.
-SUPPORTED_ENGINES = ("ddp", "deepspeed-zero2")
+SUPPORTED_ENGINES = ("ddp", "deepspeed-zero2", "deepspeed-zero3", "fsdp")
 
 
 def free_port() -> int:

@@ -17,6 +17,7 @@ from contextlib import nullcontext
 from dataclasses import dataclass, field, replace
 
 import torch
+from torch.distributed.tensor import DTensor
 
 from lorafit.compute.batches import BlockStream, BlockTensors
 from lorafit.compute.loss import target_count
@@ -26,6 +27,7 @@ from lorafit.errors import LorafitError
 from lorafit.training import faults
 from lorafit.training.progress import training_task
 from lorafit.training.schedule import learning_rate, warmup_steps_for
+from lorafit.training.sharded_state import full_trainable_state
 
 log = logging.getLogger(__name__)
 
@@ -50,17 +52,6 @@ class LoopState:
     best_trainable: dict[str, torch.Tensor] | None = field(default=None, repr=False)
 
 
-def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    return {name: p.detach().clone() for name, p in model.named_parameters() if p.requires_grad}
-
-
-def restore_trainable(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> None:
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if name in state:
-                param.copy_(state[name])
-
-
 @dataclass
 class LoopEngine:
     """What a step computes with: the (accelerate-prepared) objective and optimizer, the blocks."""
@@ -72,6 +63,7 @@ class LoopEngine:
     autocast: Callable
     scaler: torch.amp.GradScaler | None = None  # fp16's dynamic loss scale; None for bf16/fp32
     deepspeed: object | None = None  # the DeepSpeedEngine under DeepSpeed: it backpropagates, clips and steps
+    fsdp: bool = False  # the objective is sharded by FSDP2 (training/fsdp.py)
 
 
 @dataclass
@@ -95,7 +87,7 @@ def train_loop(
 ) -> LoopState:
     """Train until train.max_steps (or early stopping); `state` and `position` resume a run."""
     accelerator, objective, optimizer, blocks = engine.accelerator, engine.objective, engine.optimizer, engine.blocks
-    autocast, log_metrics, progress = engine.autocast, hooks.log_metrics, hooks.progress
+    log_metrics, progress = hooks.log_metrics, hooks.progress
     state = state or LoopState()
     state.micro_batch_size = state.micro_batch_size or train.micro_batch_size
     state.grad_accum = state.grad_accum or train.grad_accum
@@ -124,9 +116,7 @@ def train_loop(
         step_start = stream.position()
         while True:
             try:
-                loss_sum, targets, step_blocks = accumulate_gradients(
-                    accelerator, objective, blocks, stream, state, autocast, engine.scaler, engine.deepspeed
-                )
+                loss_sum, targets, step_blocks = accumulate_gradients(engine, stream, state)
                 break
             except OUT_OF_MEMORY:
                 optimizer.zero_grad(set_to_none=True)
@@ -160,7 +150,7 @@ def train_loop(
         else:
             if engine.scaler is not None:
                 engine.scaler.unscale_(optimizer)  # clipping and the norm see the true gradients
-            grad_norm = float(accelerator.clip_grad_norm_(params, train.max_grad_norm or math.inf))
+            grad_norm = clip_gradients(engine, params, train.max_grad_norm)
             outcome = optimizer_step(engine, loss, grad_norm)
         if outcome == "stepped":
             state.bad_in_row = 0
@@ -275,18 +265,11 @@ class UnstableTrainingError(Exception):
         self.blocks = blocks
 
 
-def accumulate_gradients(
-    accelerator,
-    objective,
-    blocks: BlockTensors,
-    stream: BlockStream,
-    state: LoopState,
-    autocast: Callable,
-    scaler: torch.amp.GradScaler | None = None,
-    deepspeed=None,
-) -> tuple[float, int, list[int]]:
+def accumulate_gradients(engine: LoopEngine, stream: BlockStream, state: LoopState) -> tuple[float, int, list[int]]:
     """Forward/backward over one optimizer step's micro-batches; returns (loss sum, targets, block
     ids) — the loss and targets summed over every rank, so each logs the loss of the whole batch."""
+    accelerator, objective, blocks, autocast = engine.accelerator, engine.objective, engine.blocks, engine.autocast
+    scaler, deepspeed = engine.scaler, engine.deepspeed
     indices = [stream.next_indices() for _ in range(state.grad_accum)]
     micro_batches = [blocks.batch(i, accelerator.device) for i in indices]
     faults.before_backward(state.step + 1)
@@ -298,7 +281,7 @@ def accumulate_gradients(
     loss_sum = torch.zeros((), device=accelerator.device)
     for index, batch in enumerate(micro_batches):
         last = index == len(micro_batches) - 1
-        sync = nullcontext() if last else accelerator.no_sync(objective)
+        sync = gradient_sync(engine, last)
         with sync, autocast():
             micro_loss = objective(**batch) * faults.loss_factor(state.step + 1)
         scaled = micro_loss * scale
@@ -313,6 +296,23 @@ def accumulate_gradients(
     if accelerator.num_processes > 1:
         loss_sum = accelerator.reduce(loss_sum, reduction="sum")
     return float(loss_sum), int(global_targets), [int(i) for batch in indices for i in batch]
+
+
+def gradient_sync(engine: LoopEngine, last: bool):
+    """Reduce the gradients across ranks only after the last micro-batch of a step."""
+    if engine.fsdp:
+        engine.objective.set_requires_gradient_sync(last)
+        return nullcontext()
+    return nullcontext() if last else engine.accelerator.no_sync(engine.objective)
+
+
+def clip_gradients(engine: LoopEngine, params: list[torch.nn.Parameter], max_norm: float) -> float:
+    """Clip to `max_norm` (0: measure only); the gradients' global norm before clipping."""
+    if engine.fsdp:
+        # Sharded gradients: torch's clip reduces the norm across ranks; a DTensor comes back.
+        norm = torch.nn.utils.clip_grad_norm_(params, max_norm or math.inf)
+        return float(norm.full_tensor() if isinstance(norm, DTensor) else norm)
+    return float(engine.accelerator.clip_grad_norm_(params, max_norm or math.inf))
 
 
 def warn_on_spike(state: LoopState, loss: float, factor: float, log_metrics: Callable[[dict], None]) -> None:
@@ -338,7 +338,7 @@ def record_validation(
         state.best_valid_loss = result.loss
         state.best_step = state.step
         state.evals_without_improvement = 0
-        state.best_trainable = trainable_state(model)
+        state.best_trainable = full_trainable_state(model)  # every process: a collective under ZeRO/FSDP
     else:
         state.evals_without_improvement += 1
         if patience and state.evals_without_improvement >= patience:

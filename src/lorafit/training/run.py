@@ -12,7 +12,7 @@ from lorafit.errors import TrainingInterruptedError
 from lorafit.model.device import default_device, resolve_precision
 from lorafit.outputs import output_folder
 from lorafit.training.checkpoint import list_checkpoints
-from lorafit.training.engines import make_accelerator
+from lorafit.training.engines import launched_engine, make_accelerator
 from lorafit.training.guards import StopRequests
 from lorafit.training.run_folder import REPREPARED, check_run_folder, claim_run_folder
 from lorafit.training.training_run import RunResult, TrainingRun
@@ -35,14 +35,15 @@ def run_training(
     console = console or Console()
     folder = RunFolder(Path(out_dir or config.out))
     device = default_device()
-    accelerator = make_accelerator(config.train, resolve_precision(config.train.precision, device), device.type)
+    engine = launched_engine()
+    accelerator = make_accelerator(config.train, resolve_precision(config.train.precision, device), device.type, engine)
     if not accelerator.is_main_process:
         # The first process checks, claims and locks the run folder; the others follow its decision
         # and print nothing (the first one's output is the run's).
         console = Console(quiet=True)
         with StopRequests(deferred=False) as stops:
             resuming = main_decision(accelerator, None)
-            return _run_stages(config, folder, console, stops, accelerator, resuming, resume, ignore_changes)
+            return _run_stages(config, folder, console, stops, accelerator, engine, resuming, resume, ignore_changes)
     check_run_folder(folder.root, overwrite, resuming=resume is not None)
     # A run refused on its inputs leaves nothing (the documents it prepared are made again by a retry).
     with (
@@ -50,7 +51,7 @@ def run_training(
         StopRequests(deferred=False) as stops,
     ):
         resuming = main_decision(accelerator, claim_run_folder(folder.root, resume, console))
-        return _run_stages(config, folder, console, stops, accelerator, resuming, resume, ignore_changes)
+        return _run_stages(config, folder, console, stops, accelerator, engine, resuming, resume, ignore_changes)
 
 
 def _run_stages(
@@ -59,12 +60,13 @@ def _run_stages(
     console: Console,
     stops: StopRequests,
     accelerator,
+    engine: str,
     resuming: bool,
     resume: str | None,
     ignore_changes: bool,
 ) -> RunResult:
     try:
-        run = TrainingRun(config, folder, console, stops, accelerator)
+        run = TrainingRun(config, folder, console, stops, accelerator, engine)
         run.set_up()
         if resuming:
             run.resume(resume, ignore_changes)

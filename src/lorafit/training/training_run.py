@@ -19,11 +19,11 @@ from rich.markup import escape
 
 from lorafit.adapters.save import folder_bytes, save_adapter, save_full_model, save_initial_adapter
 from lorafit.artifacts import BaseModelRecord, RunFolder, RunSummary
-from lorafit.compute.objective import CausalLMObjective
+from lorafit.compute.objective import CausalLMObjective, causal_lm_of
 from lorafit.compute.perplexity import LossResult, evaluate_loss
 from lorafit.config import RunConfig
 from lorafit.config_files import config_to_yaml
-from lorafit.errors import TrainingInterruptedError
+from lorafit.errors import TrainingInterruptedError, UsageError
 from lorafit.evaluation.core import MeasuredModel, measure_model
 from lorafit.evaluation.report import read_curves, training_cost
 from lorafit.integrity import read_json_file
@@ -41,6 +41,7 @@ from lorafit.model.lora import changes_base_weights, optimizer_groups
 from lorafit.model.prepare import prepare_trainable_model
 from lorafit.training import faults
 from lorafit.training.checkpointer import Checkpointer
+from lorafit.training.fsdp import shard_objective
 from lorafit.training.guards import StopRequests
 from lorafit.training.inputs import describe_data, prepare_run_inputs
 from lorafit.training.loop import (
@@ -49,7 +50,6 @@ from lorafit.training.loop import (
     LoopState,
     UnstableTrainingError,
     record_validation,
-    restore_trainable,
     train_loop,
 )
 from lorafit.training.progress import training_progress
@@ -62,6 +62,7 @@ from lorafit.training.records import (
     write_run_report,
 )
 from lorafit.training.run_folder import input_fingerprints, metrics_line_count
+from lorafit.training.sharded_state import FSDP, PLAIN, full_trainable_state, load_trainable_state
 
 EVA_INIT_BLOCKS = 64  # training blocks shown to the data-driven EVA init
 
@@ -110,8 +111,17 @@ class RunResult:
 
 
 class TrainingRun:
-    def __init__(self, config: RunConfig, folder: RunFolder, console: Console, stops: StopRequests, accelerator):
-        self.accelerator = accelerator  # engines.make_accelerator: one process, DDP or DeepSpeed
+    def __init__(
+        self,
+        config: RunConfig,
+        folder: RunFolder,
+        console: Console,
+        stops: StopRequests,
+        accelerator,
+        engine: str = PLAIN,
+    ):
+        self.accelerator = accelerator  # engines.make_accelerator: one process, DDP, DeepSpeed or FSDP's processes
+        self.engine = engine  # sharded_state.PLAIN, DEEPSPEED or FSDP, as launched
         self.config = config.model_copy(update={"out": str(folder.root)})
         self.folder, self.console, self.stops = folder, console, stops
         self.train_cfg = self.config.train
@@ -128,6 +138,12 @@ class TrainingRun:
         self.autocast = functools.partial(autocast_context, self.precision, self.device)
         # What the Accelerator was made for (engines.make_accelerator), not the environment read again.
         self.deepspeed_run = self.accelerator.distributed_type == DistributedType.DEEPSPEED
+        # ZeRO-3 and FSDP hold the weights themselves in parts: every forward is then a collective,
+        # so every process measures and generates, and the weights are gathered before they are saved.
+        zero_stage = self.accelerator.state.deepspeed_plugin.zero_stage if self.deepspeed_run else 0
+        self.partitioned_weights = self.engine == FSDP or zero_stage == 3
+        if self.partitioned_weights:
+            refuse_under_partitioned_weights(self.config, "FSDP" if self.engine == FSDP else "DeepSpeed ZeRO-3")
         self.scaler = None if self.deepspeed_run else loss_scaler(self.precision, self.device)
         seed_everything(self.train_cfg.seed)
         # The first process prepares (and caches) the documents; the others then read its results.
@@ -164,7 +180,7 @@ class TrainingRun:
             is_main_process=self.accelerator.is_main_process,
             scaler=self.scaler,
             world_size=self.accelerator.num_processes,
-            partitioned_optimizer=self.deepspeed_run,
+            engine=self.engine,
             barrier=self.accelerator.wait_for_everyone,
         )
 
@@ -190,19 +206,31 @@ class TrainingRun:
         if lora and changes_base_weights(self.config.lora) and self.accelerator.is_main_process:
             self.initial_adapter = save_initial_adapter(model, self.folder.initial_adapter)
         objective = CausalLMObjective(model, compute_dtype(self.precision), train.loss_chunk_tokens)
+        if self.engine == FSDP:
+            objective = shard_objective(objective, self.device)  # before the optimizer: it takes the shards
         optimizer = torch.optim.AdamW(
             optimizer_groups(model, self.config.lora.plus_ratio if lora else 0.0),
             lr=train.lr,
             weight_decay=train.weight_decay,
         )
-        self.objective, self.optimizer = self.accelerator.prepare(objective, optimizer)
+        if self.engine == FSDP:
+            self.objective, self.optimizer = objective, optimizer
+        else:
+            self.objective, self.optimizer = self.accelerator.prepare(objective, optimizer)
+        if self.deepspeed_run and self.partitioned_weights:
+            from deepspeed.runtime.zero import register_external_parameter
+
+            # The fused loss multiplies by the output weight outside the output layer's forward:
+            # ZeRO-3 gathers it for the objective's whole forward.
+            head = causal_lm_of(model).get_output_embeddings()
+            register_external_parameter(self.accelerator.unwrap_model(self.objective), head.weight)
         # Measurements run on the unwrapped module: a DDP module's forward is a collective (it
         # broadcasts buffers), which would hang when only the first process measures.
         self.eval_objective = self.accelerator.unwrap_model(self.objective)
         self.tuned_model = self.eval_objective.model
 
-    def _save_checkpoint_adapter(self, folder: Path, state: LoopState) -> None:
-        save_adapter(self.tuned_model, folder, {"step": state.step}, self.initial_adapter)
+    def _save_checkpoint_adapter(self, folder: Path, state: LoopState, weights: dict[str, torch.Tensor]) -> None:
+        save_adapter(self.tuned_model, folder, {"step": state.step}, self.initial_adapter, model_weights(weights))
 
     def log_metrics(self, record: dict) -> None:
         if self.accelerator.is_main_process:
@@ -278,6 +306,7 @@ class TrainingRun:
             self.autocast,
             self.scaler,
             deepspeed,
+            fsdp=self.engine == FSDP,
         )
         progress = self.progress
         with self.stops.deferring() as stop_requested, training_progress(self.console) as bar:
@@ -341,9 +370,13 @@ class TrainingRun:
                 "processes": self.accelerator.num_processes,
             },
         )
+        # Whole weights for the save: ZeRO's fp32 masters, FSDP's shards gathered (every process).
+        weights = model_weights(full_trainable_state(self.eval_objective)) if self.engine != PLAIN else None
         if not self.accelerator.is_main_process:
+            if self.partitioned_weights:  # the first process's measurements need every process's part
+                self._measure_trained(after, self.folder.adapter)
             return RunResult(self.folder.root, summary, main_process=False)
-        saved = self._save(summary)
+        saved = self._save(summary, weights)
         summary.saved_to, summary.saved_bytes = str(saved), folder_bytes(saved)
         tuned = self._measure_trained(after, saved)
         add_general(summary, base.evaluation.general, tuned.evaluation.general)
@@ -358,16 +391,16 @@ class TrainingRun:
         record_validation(state, self.eval_objective, final, 0, self.log_metrics)
         restored = state.best_step != state.step and state.best_trainable is not None
         if restored:
-            restore_trainable(self.eval_objective, state.best_trainable)
+            load_trainable_state(self.eval_objective, state.best_trainable)
             self.console.print(f"restored the best adapter from step {state.best_step}")
         state.best_trainable = None
         return final if not restored and len(capped) == len(full) else self.validate(full)
 
-    def _save(self, summary: RunSummary) -> Path:
+    def _save(self, summary: RunSummary, weights: dict[str, torch.Tensor] | None) -> Path:
         record = adapter_record(self.config, self.inputs, self.base_record, self.fingerprints, summary).to_json()
         if self.trainable.method == "full":
-            return save_full_model(self.tuned_model, self.inputs.tokenizer, self.folder.model, record)
-        return save_adapter(self.tuned_model, self.folder.adapter, record, self.initial_adapter)
+            return save_full_model(self.tuned_model, self.inputs.tokenizer, self.folder.model, record, weights)
+        return save_adapter(self.tuned_model, self.folder.adapter, record, self.initial_adapter, weights)
 
     def _measure_trained(self, after: LossResult, saved: Path) -> MeasuredModel:
         method = self.trainable.method
@@ -397,3 +430,22 @@ class TrainingRun:
             tuned.evaluation.cost = training_cost(summary)
             tuned.evaluation.curves = read_curves(self.folder.metrics)
             write_run_report(self.folder, self.config, summary, [base, tuned], self.inputs, self.base_record)
+
+
+def model_weights(objective_weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Trainable weights named as in the model (the PEFT model's own state dict) rather than as in
+    the objective around it (CausalLMObjective.model)."""
+    return {name.removeprefix("model."): value for name, value in objective_weights.items()}
+
+
+def refuse_under_partitioned_weights(config: RunConfig, engine: str) -> None:
+    """What this lorafit does not run yet where the engine holds the weights in parts."""
+    lora, reasons = config.lora, []
+    if config.train.method == "full":
+        reasons.append("train.method: full (use lora, or deepspeed-zero2 / ddp)")
+    if changes_base_weights(lora) or lora.init.startswith(("eva", "loftq")):
+        reasons.append(f"lora.init: {lora.init} (its set-up reads the whole base; use default or gaussian)")
+    if config.model.quantization != "none":
+        reasons.append(f"model.quantization: {config.model.quantization} (use ddp for a quantized base)")
+    if reasons:
+        raise UsageError(f"Under {engine} this lorafit does not run {'; '.join(reasons)}.")

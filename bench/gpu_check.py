@@ -137,6 +137,30 @@ def resume_check(out: Path, config: dict) -> str:
     return f"CHECK resume_after_kill {'ok' if same else 'FAILED'} killed_rc={killed} resumed_rc={resumed} equal={same}"
 
 
+def launched_check(engine: str, out: Path, config: dict, processes: int) -> str:
+    """`lorafit train --launcher accelerate --distributed ENGINE` in `processes` processes (every GPU;
+    two on a CPU): ZeRO-3 and FSDP hold the weights in parts, and the adapter comes out whole."""
+    import yaml
+
+    path = out / f"{engine}.yaml"
+    path.write_text(yaml.safe_dump(config))
+    run = out / engine
+    command = [sys.executable, "-m", "lorafit.cli", "train", str(path), "--out", str(run), "--overwrite"]
+    command += ["--launcher", "accelerate", "--num-processes", str(processes), "--distributed", engine]
+    started = time.perf_counter()
+    proc = subprocess.run(command, capture_output=True, text=True)
+    output = " ".join(proc.stdout.split())
+    if proc.returncode != 0:
+        return f"CHECK {engine} FAILED rc={proc.returncode} {(proc.stdout + proc.stderr)[-300:]!r}"
+    summary = json.loads((run / "summary.json").read_text())
+    held = output.split("this process holds ")[1].split(")")[0] if "this process holds" in output else "?"
+    return (
+        f"CHECK {engine} ok processes={processes} holds={held.replace(' ', '_')}) "
+        f"tokens_per_s={summary['tokens_per_second']:.0f} loss_before={summary['valid_loss_before']:.4f} "
+        f"loss_after={summary['valid_loss_after']:.4f} wall_s={time.perf_counter() - started:.0f}"
+    )
+
+
 def throughput_check(model: Path, steps: int) -> str:
     data = REPO.parent / "shared" / "data" / "pydocs" / "text" / "train.jsonl"
     if not data.is_file():
@@ -197,6 +221,10 @@ def main() -> None:
         print(lines[-1])
     resume = run_config(small, "fp16" if cuda else "fp32", 8 if cuda else 6, seq, train={"save_every": 3})
     check(lambda: resume_check(work, resume))
+    processes = torch.cuda.device_count() if cuda else 2
+    for engine in ("fsdp", "deepspeed-zero3"):
+        config = run_config(large, "bf16" if cuda else "fp32", steps, seq)
+        check(lambda engine=engine, config=config: launched_check(engine, work, config, processes))
     check(lambda: throughput_check(small, 30 if cuda else 4))
     (args.out / "gpu_check.txt").write_text("\n".join([f"GPU {gpu}", *lines]) + "\n")
 

@@ -19,4 +19,7 @@ for name in trafilatura courlan htmldate justext lxml_html_clean dateparser tld 
   version=$(grep -i "^${name//_/[-_]}==" constraints.txt | head -1 | cut -d= -f3)
   fetch "$name${version:+==$version}" || echo "gpu_wheels: no wheel for $name"
 done
+# DeepSpeed (the ZeRO-3 check) is a source distribution only: built on the device machine, against its torch.
+version=$(grep -i "^deepspeed==" constraints.txt | head -1 | cut -d= -f3)
+python3 -m pip download -q --no-deps --no-binary :all: -d .whl "deepspeed==$version" || echo "gpu_wheels: no deepspeed source"
 du -sh .whl

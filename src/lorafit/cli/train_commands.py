@@ -44,7 +44,7 @@ def train(
         int, typer.Option(help="Processes for --launcher accelerate (one per GPU; on a CPU, cores are shared).")
     ] = 2,
     distributed: Annotated[
-        str, typer.Option(help="Engine for --launcher accelerate: ddp or deepspeed-zero2 (fsdp, zero3: not yet).")
+        str, typer.Option(help="Engine for --launcher accelerate: ddp, fsdp, deepspeed-zero2 or deepspeed-zero3.")
     ] = "ddp",
     accelerate_config: Annotated[
         Path | None,
@@ -67,7 +67,8 @@ def train(
         train_args += ["--overwrite"] * overwrite + ["--ignore-changes"] * ignore_changes
         train_args += ["--resume", resume] if resume else []
         command = accelerate_command(train_args, num_processes, distributed, accelerate_config)
-        console.print(f"[bold]launching[/] {num_processes} processes ({distributed}): {' '.join(command)}")
+        engine = f"as {accelerate_config} says" if accelerate_config else distributed
+        console.print(f"[bold]launching[/] {num_processes} processes ({engine}): {' '.join(command)}")
         status = launch(command)
         if status:
             raise typer.Exit(status if status > 0 else 128 - status)

@@ -12,11 +12,15 @@ is the root. One code path on a CPU (gloo) and on GPUs (NCCL).
 
 from __future__ import annotations
 
+import logging
 import os
 
 import torch
 
 from lorafit.compute.objective import causal_lm_of
+from lorafit.errors import UsageError
+
+log = logging.getLogger(__name__)
 
 
 def fsdp_options(device: torch.device) -> dict:
@@ -26,6 +30,8 @@ def fsdp_options(device: torch.device) -> dict:
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import CPUOffloadPolicy, OffloadPolicy
 
+    if os.environ.get("FSDP_VERSION", "2") == "1":
+        log.warning("fsdp_version 1 in the accelerate config: lorafit shards with FSDP2 (fully_shard) all the same")
     mesh = init_device_mesh(device.type, (dist.get_world_size(),))
     offload = os.environ.get("FSDP_OFFLOAD_PARAMS", "false").lower() == "true"
     reshard = os.environ.get("FSDP_RESHARD_AFTER_FORWARD", "true").lower() not in ("false", "no_shard")
@@ -39,7 +45,14 @@ def fsdp_options(device: torch.device) -> dict:
 def shard_objective(objective: torch.nn.Module, device: torch.device) -> torch.nn.Module:
     """Shard `objective` (a CausalLMObjective around a PEFT model) in place; returns it."""
     from peft.utils.other import fsdp_auto_wrap_policy
-    from torch.distributed.fsdp import FSDPModule, fully_shard
+
+    try:
+        from torch.distributed.fsdp import FSDPModule, fully_shard
+    except ImportError:  # FSDP2 is public from torch 2.6 on
+        raise UsageError(
+            f"--distributed fsdp: this torch ({torch.__version__}) has no FSDP2 (fully_shard, torch 2.6 and "
+            "later); install torch==2.13.0 or use --distributed deepspeed-zero3."
+        ) from None
 
     options = fsdp_options(device)
     objective.to(device)

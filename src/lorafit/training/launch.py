@@ -22,8 +22,6 @@ ENGINE_FLAGS = {
     "deepspeed-zero2": ["--use_deepspeed", "--zero_stage", "2"],
     "deepspeed-zero3": ["--use_deepspeed", "--zero_stage", "3"],
 }
-# Engines the training run drives today; the others are refused before anything starts.
-SUPPORTED_ENGINES = ("ddp", "deepspeed-zero2", "deepspeed-zero3", "fsdp")
 
 
 def free_port() -> int:
@@ -44,11 +42,6 @@ def accelerate_command(
     processes; `config_file` (an accelerate config, e.g. configs/distributed/) replaces the flags."""
     if engine not in ENGINES:
         raise UsageError(f"--distributed {engine}: use one of {', '.join(ENGINES)}.")
-    if engine not in SUPPORTED_ENGINES:
-        raise UsageError(
-            f"--distributed {engine}: not supported by this lorafit yet (it runs {', '.join(SUPPORTED_ENGINES)}); "
-            "use --distributed ddp."
-        )
     if num_processes < 1:
         raise UsageError(f"--num-processes {num_processes}: give 1 or more.")
     command = [sys.executable, "-m", "accelerate.commands.launch"]

@@ -26,6 +26,18 @@ def full_numel(param: torch.nn.Parameter) -> int:
     return getattr(param, "ds_numel", param.numel())
 
 
+def held_here(model: torch.nn.Module) -> tuple[int, int]:
+    """(parameters this process holds, parameters of the model): ZeRO-3 and FSDP keep a part each."""
+    held = whole = 0
+    for param in model.parameters():
+        whole += full_numel(param)
+        if isinstance(param, DTensor):
+            held += param.to_local().numel()
+        else:
+            held += param.ds_tensor.numel() if hasattr(param, "ds_tensor") else param.numel()
+    return held, whole
+
+
 def full_trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     """Every trainable parameter, whole, by name, as copies: under DeepSpeed its fp32 master (exact
     even when the module computes in bf16/fp16), under FSDP its shards gathered."""

@@ -62,7 +62,7 @@ from lorafit.training.records import (
     write_run_report,
 )
 from lorafit.training.run_folder import input_fingerprints, metrics_line_count
-from lorafit.training.sharded_state import FSDP, PLAIN, full_trainable_state, load_trainable_state
+from lorafit.training.sharded_state import FSDP, PLAIN, full_trainable_state, held_here, load_trainable_state
 
 EVA_INIT_BLOCKS = 64  # training blocks shown to the data-driven EVA init
 
@@ -161,6 +161,13 @@ class TrainingRun:
             f"process(es) = {train.micro_batch_size * train.grad_accum * processes} blocks per step"
         )
         self._build_model()
+        if self.partitioned_weights:
+            held, whole = held_here(self.eval_objective)
+            engine = "FSDP" if self.engine == FSDP else "DeepSpeed ZeRO-3"
+            self.console.print(
+                f"[bold]sharded[/] {engine}: this process holds {held:,} of the {whole:,} parameters "
+                f"({100 * held / max(whole, 1):.1f}%)"
+            )
         self.base_record = BaseModelRecord(
             spec=ref.spec, name=ref.name, path=ref.path, weights_fingerprint=weights_fingerprint(ref)
         )
@@ -230,7 +237,9 @@ class TrainingRun:
         self.tuned_model = self.eval_objective.model
 
     def _save_checkpoint_adapter(self, folder: Path, state: LoopState, weights: dict[str, torch.Tensor]) -> None:
-        save_adapter(self.tuned_model, folder, {"step": state.step}, self.initial_adapter, model_weights(weights))
+        # One process and DDP save the module's own weights (the same values); ZeRO and FSDP the gathered ones.
+        whole = model_weights(weights) if self.engine != PLAIN else None
+        save_adapter(self.tuned_model, folder, {"step": state.step}, self.initial_adapter, whole)
 
     def log_metrics(self, record: dict) -> None:
         if self.accelerator.is_main_process:

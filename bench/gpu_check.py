@@ -222,8 +222,8 @@ def main() -> None:
     resume = run_config(small, "fp16" if cuda else "fp32", 8 if cuda else 6, seq, train={"save_every": 3})
     check(lambda: resume_check(work, resume))
     processes = torch.cuda.device_count() if cuda else 2
-    for engine in ("fsdp", "deepspeed-zero3"):
-        config = run_config(large, "bf16" if cuda else "fp32", steps, seq)
+    for engine in ("fsdp", "deepspeed-zero3"):  # the small shape: each process loads it on its own
+        config = run_config(small, "bf16" if cuda else "fp32", steps, seq)
         check(lambda engine=engine, config=config: launched_check(engine, work, config, processes))
     check(lambda: throughput_check(small, 30 if cuda else 4))
     (args.out / "gpu_check.txt").write_text("\n".join([f"GPU {gpu}", *lines]) + "\n")

@@ -1,9 +1,9 @@
 """1 vs 2 processes: the same training (embedded model, all-linear LoRA r=16, 4 blocks x 512
-tokens per step) in one process and in two DDP processes of 2 blocks each, through
-`lorafit train --launcher accelerate`. Prints each side's tokens/s (steps after the first two),
-wall time and the largest loss difference between the sides' steps.
+tokens per step) in one process and in two processes of 2 blocks each (DDP, or the engine
+--distributed names), through `lorafit train --launcher accelerate`. Prints each side's tokens/s
+(steps after the first two), wall time and the largest loss difference between the sides' steps.
 
-    .venv/bin/python bench/scaling.py [--steps 12] [--data FILE.jsonl]
+    .venv/bin/python bench/scaling.py [--steps 12] [--data FILE.jsonl] [--distributed fsdp]
 
 Ends with: RESULT processes_2_vs_1_tokens_per_s=X max_loss_diff=Y
 """
@@ -51,14 +51,16 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=12)
     parser.add_argument("--data", type=Path, default=DEFAULT_DATA)
+    parser.add_argument("--distributed", default="ddp", help="ddp, fsdp, deepspeed-zero2 or deepspeed-zero3")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
         valid = folder / "valid.jsonl"
         valid.write_text("\n".join(args.data.with_name("valid.jsonl").read_text().splitlines()[:2]) + "\n")
         one = train(folder, "one", config(args.data, valid, 4, args.steps))
-        two = train(folder, "two", config(args.data, valid, 2, args.steps), "--launcher", "accelerate")
-    for name, run in (("1 process ", one), ("2 processes", two)):
+        launch = ("--launcher", "accelerate", "--distributed", args.distributed)
+        two = train(folder, "two", config(args.data, valid, 2, args.steps), *launch)
+    for name, run in (("1 process ", one), (f"2 processes ({args.distributed})", two)):
         timed = run["steps"][2:]
         # tokens_per_second is the whole step's (every rank's blocks) over its wall time.
         run["tps"] = len(timed) * 2048 / sum(2048 / r["tokens_per_second"] for r in timed)

@@ -33,8 +33,10 @@ def held_here(model: torch.nn.Module) -> tuple[int, int]:
         whole += full_numel(param)
         if isinstance(param, DTensor):
             held += param.to_local().numel()
-        else:
-            held += param.ds_tensor.numel() if hasattr(param, "ds_tensor") else param.numel()
+        elif hasattr(param, "ds_tensor") and not getattr(param, "ds_persist", False):
+            held += param.ds_tensor.numel()
+        else:  # whole here: unpartitioned, or a small tensor ZeRO-3 keeps whole on every rank
+            held += full_numel(param)
     return held, whole
 
 

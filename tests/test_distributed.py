@@ -19,8 +19,8 @@ from test_resume import lorafit, metrics, without_speed
 from lorafit.compute.batches import BlockStream
 from lorafit.config import RunConfig
 from lorafit.errors import UsageError
+from lorafit.training.engines import refuse_under_partitioned_weights
 from lorafit.training.launch import accelerate_command
-from lorafit.training.training_run import refuse_under_partitioned_weights
 
 TWO = ("--launcher", "accelerate", "--num-processes", "2")
 ENGINES = ("ddp", "deepspeed-zero2", "fsdp", "deepspeed-zero3")
@@ -203,7 +203,7 @@ def test_the_launch_line_and_the_shipped_configs(tmp_path):
 
 def test_what_fsdp_and_zero3_do_not_run_yet_is_refused_by_name(tiny_model_dir):
     base = {"model": {"base": str(tiny_model_dir)}, "data": {"train": ["docs"]}}
-    refuse_under_partitioned_weights(RunConfig(**base), "FSDP")  # plain LoRA runs
+    refuse_under_partitioned_weights(RunConfig(**base), "fsdp")  # plain LoRA runs
     for section, key, value, named in (
         ("train", "method", "full", "train.method: full"),
         ("lora", "init", "pissa", "lora.init: pissa"),
@@ -211,7 +211,7 @@ def test_what_fsdp_and_zero3_do_not_run_yet_is_refused_by_name(tiny_model_dir):
     ):
         config = {**base, section: {**base.get(section, {}), key: value}}
         with pytest.raises(UsageError, match=named):
-            refuse_under_partitioned_weights(RunConfig(**config), "DeepSpeed ZeRO-3")
+            refuse_under_partitioned_weights(RunConfig(**config), "deepspeed")
 
 
 def test_sigterm_to_the_launching_command_stops_every_process_at_a_checkpoint(runs):

@@ -60,7 +60,8 @@ def save_full_model(
     `weights` as in save_adapter."""
 
     def write(folder: Path) -> None:
-        extra = {"state_dict": on_cpu(weights)} if weights is not None else {}
+        # Whole weights (ZeRO's fp32 masters) over the module's own entries: buffers and tied names stay.
+        extra = {"state_dict": {**model.state_dict(), **on_cpu(weights)}} if weights is not None else {}
         model.save_pretrained(folder, safe_serialization=True, **extra)
         tokenizer.save_pretrained(folder)
         write_json_atomic(folder / "lorafit.json", {"lorafit_version": __version__, **metadata})

@@ -9,8 +9,15 @@ from __future__ import annotations
 import os
 from contextlib import contextmanager
 
-from lorafit.config import TrainSection
+from lorafit.compute.objective import causal_lm_of
+from lorafit.config import RunConfig, TrainSection
+from lorafit.errors import UsageError
+from lorafit.model.lora import changes_base_weights
+from lorafit.training.fsdp import shard_objective
 from lorafit.training.sharded_state import DEEPSPEED, FSDP, PLAIN
+
+# The engines that hold the weights themselves in parts, as messages name them.
+PARTITIONED_NAMES = {FSDP: "FSDP", DEEPSPEED: "DeepSpeed ZeRO-3"}
 
 # What accelerate's mixed-precision argument must say for a resolved train.precision.
 MIXED_PRECISION = {"bf16": "bf16", "fp16": "fp16", "fp32": "no"}
@@ -72,6 +79,42 @@ def deepspeed_plugin(train: TrainSection, precision: str, world_size: int):
     config["fp16"] = {"enabled": precision == "fp16", "loss_scale": 0, "initial_scale_power": 16}
     plugin.gradient_accumulation_steps = train.grad_accum
     return plugin
+
+
+def weights_partitioned(accelerator, engine: str) -> bool:
+    """True under FSDP and ZeRO-3, where each process holds only part of the weights."""
+    return engine == FSDP or (engine == DEEPSPEED and accelerator.state.deepspeed_plugin.zero_stage == 3)
+
+
+def refuse_under_partitioned_weights(config: RunConfig, engine: str) -> None:
+    """What this lorafit does not run yet where the engine holds the weights in parts."""
+    lora, reasons = config.lora, []
+    if config.train.method == "full":
+        reasons.append("train.method: full (use lora, or deepspeed-zero2 / ddp)")
+    if changes_base_weights(lora) or lora.init.startswith(("eva", "loftq")):
+        reasons.append(f"lora.init: {lora.init} (its set-up reads the whole base; use default or gaussian)")
+    if config.model.quantization != "none":
+        reasons.append(f"model.quantization: {config.model.quantization} (use ddp for a quantized base)")
+    if reasons:
+        raise UsageError(f"Under {PARTITIONED_NAMES[engine]} this lorafit does not run {'; '.join(reasons)}.")
+
+
+def prepare_for_engine(accelerator, engine: str, objective, make_optimizer, partitioned: bool) -> tuple:
+    """The objective and its optimizer as the engine trains them: accelerate prepares them for one
+    process, DDP and DeepSpeed; under FSDP lorafit shards the objective before the optimizer is made
+    (the optimizer must take the shards)."""
+    if engine == FSDP:
+        objective = shard_objective(objective, accelerator.device)
+        return objective, make_optimizer()
+    prepared, optimizer = accelerator.prepare(objective, make_optimizer())
+    if engine == DEEPSPEED and partitioned:
+        from deepspeed.runtime.zero import register_external_parameter
+
+        # The fused loss multiplies by the output weight outside the output layer's forward:
+        # ZeRO-3 gathers it for the objective's whole forward.
+        head = causal_lm_of(objective.model).get_output_embeddings()
+        register_external_parameter(accelerator.unwrap_model(prepared), head.weight)
+    return prepared, optimizer
 
 
 @contextmanager

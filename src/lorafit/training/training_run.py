@@ -13,17 +13,16 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from accelerate.utils import DistributedType
 from rich.console import Console
 from rich.markup import escape
 
 from lorafit.adapters.save import folder_bytes, save_adapter, save_full_model, save_initial_adapter
 from lorafit.artifacts import BaseModelRecord, RunFolder, RunSummary
-from lorafit.compute.objective import CausalLMObjective, causal_lm_of
+from lorafit.compute.objective import CausalLMObjective
 from lorafit.compute.perplexity import LossResult, evaluate_loss
 from lorafit.config import RunConfig
 from lorafit.config_files import config_to_yaml
-from lorafit.errors import TrainingInterruptedError, UsageError
+from lorafit.errors import TrainingInterruptedError
 from lorafit.evaluation.core import MeasuredModel, measure_model
 from lorafit.evaluation.report import read_curves, training_cost
 from lorafit.integrity import read_json_file
@@ -41,7 +40,12 @@ from lorafit.model.lora import changes_base_weights, optimizer_groups
 from lorafit.model.prepare import prepare_trainable_model
 from lorafit.training import faults
 from lorafit.training.checkpointer import Checkpointer
-from lorafit.training.fsdp import shard_objective
+from lorafit.training.engines import (
+    PARTITIONED_NAMES,
+    prepare_for_engine,
+    refuse_under_partitioned_weights,
+    weights_partitioned,
+)
 from lorafit.training.guards import StopRequests
 from lorafit.training.inputs import describe_data, prepare_run_inputs
 from lorafit.training.loop import (
@@ -62,7 +66,7 @@ from lorafit.training.records import (
     write_run_report,
 )
 from lorafit.training.run_folder import input_fingerprints, metrics_line_count
-from lorafit.training.sharded_state import FSDP, PLAIN, full_trainable_state, held_here, load_trainable_state
+from lorafit.training.sharded_state import DEEPSPEED, FSDP, PLAIN, full_trainable_state, held_here, load_trainable_state
 
 EVA_INIT_BLOCKS = 64  # training blocks shown to the data-driven EVA init
 
@@ -136,14 +140,13 @@ class TrainingRun:
         self.precision = resolve_precision(self.train_cfg.precision, device)
         self.device = self.accelerator.device
         self.autocast = functools.partial(autocast_context, self.precision, self.device)
-        # What the Accelerator was made for (engines.make_accelerator), not the environment read again.
-        self.deepspeed_run = self.accelerator.distributed_type == DistributedType.DEEPSPEED
+        # The engine the Accelerator was made for (run_training read the launch once).
+        self.deepspeed_run = self.engine == DEEPSPEED
         # ZeRO-3 and FSDP hold the weights themselves in parts: every forward is then a collective,
         # so every process measures and generates, and the weights are gathered before they are saved.
-        zero_stage = self.accelerator.state.deepspeed_plugin.zero_stage if self.deepspeed_run else 0
-        self.partitioned_weights = self.engine == FSDP or zero_stage == 3
+        self.partitioned_weights = weights_partitioned(self.accelerator, self.engine)
         if self.partitioned_weights:
-            refuse_under_partitioned_weights(self.config, "FSDP" if self.engine == FSDP else "DeepSpeed ZeRO-3")
+            refuse_under_partitioned_weights(self.config, self.engine)
         self.scaler = None if self.deepspeed_run else loss_scaler(self.precision, self.device)
         seed_everything(self.train_cfg.seed)
         # The first process prepares (and caches) the documents; the others then read its results.
@@ -163,10 +166,9 @@ class TrainingRun:
         self._build_model()
         if self.partitioned_weights:
             held, whole = held_here(self.eval_objective)
-            engine = "FSDP" if self.engine == FSDP else "DeepSpeed ZeRO-3"
             self.console.print(
-                f"[bold]sharded[/] {engine}: this process holds {held:,} of the {whole:,} parameters "
-                f"({100 * held / max(whole, 1):.1f}%)"
+                f"[bold]sharded[/] {PARTITIONED_NAMES[self.engine]}: this process holds {held:,} of the "
+                f"{whole:,} parameters ({100 * held / max(whole, 1):.1f}%)"
             )
         self.base_record = BaseModelRecord(
             spec=ref.spec, name=ref.name, path=ref.path, weights_fingerprint=weights_fingerprint(ref)
@@ -213,24 +215,14 @@ class TrainingRun:
         if lora and changes_base_weights(self.config.lora) and self.accelerator.is_main_process:
             self.initial_adapter = save_initial_adapter(model, self.folder.initial_adapter)
         objective = CausalLMObjective(model, compute_dtype(self.precision), train.loss_chunk_tokens)
-        if self.engine == FSDP:
-            objective = shard_objective(objective, self.device)  # before the optimizer: it takes the shards
-        optimizer = torch.optim.AdamW(
-            optimizer_groups(model, self.config.lora.plus_ratio if lora else 0.0),
-            lr=train.lr,
-            weight_decay=train.weight_decay,
-        )
-        if self.engine == FSDP:
-            self.objective, self.optimizer = objective, optimizer
-        else:
-            self.objective, self.optimizer = self.accelerator.prepare(objective, optimizer)
-        if self.deepspeed_run and self.partitioned_weights:
-            from deepspeed.runtime.zero import register_external_parameter
 
-            # The fused loss multiplies by the output weight outside the output layer's forward:
-            # ZeRO-3 gathers it for the objective's whole forward.
-            head = causal_lm_of(model).get_output_embeddings()
-            register_external_parameter(self.accelerator.unwrap_model(self.objective), head.weight)
+        def make_optimizer() -> torch.optim.Optimizer:
+            groups = optimizer_groups(model, self.config.lora.plus_ratio if lora else 0.0)
+            return torch.optim.AdamW(groups, lr=train.lr, weight_decay=train.weight_decay)
+
+        self.objective, self.optimizer = prepare_for_engine(
+            self.accelerator, self.engine, objective, make_optimizer, self.partitioned_weights
+        )
         # Measurements run on the unwrapped module: a DDP module's forward is a collective (it
         # broadcasts buffers), which would hang when only the first process measures.
         self.eval_objective = self.accelerator.unwrap_model(self.objective)
@@ -446,15 +438,3 @@ def model_weights(objective_weights: dict[str, torch.Tensor]) -> dict[str, torch
     the objective around it (CausalLMObjective.model)."""
     return {name.removeprefix("model."): value for name, value in objective_weights.items()}
 
-
-def refuse_under_partitioned_weights(config: RunConfig, engine: str) -> None:
-    """What this lorafit does not run yet where the engine holds the weights in parts."""
-    lora, reasons = config.lora, []
-    if config.train.method == "full":
-        reasons.append("train.method: full (use lora, or deepspeed-zero2 / ddp)")
-    if changes_base_weights(lora) or lora.init.startswith(("eva", "loftq")):
-        reasons.append(f"lora.init: {lora.init} (its set-up reads the whole base; use default or gaussian)")
-    if config.model.quantization != "none":
-        reasons.append(f"model.quantization: {config.model.quantization} (use ddp for a quantized base)")
-    if reasons:
-        raise UsageError(f"Under {engine} this lorafit does not run {'; '.join(reasons)}.")

@@ -6,6 +6,7 @@ from lorafit.cli.adapter_commands import chat, combine, export, merge
 from lorafit.cli.app import _fields_help, app, bare_resume_means_latest, console, guarded, run
 from lorafit.cli.data_commands import prepare
 from lorafit.cli.eval_commands import evaluate_models
+from lorafit.cli.serve_commands import serve
 from lorafit.cli.train_commands import train
 
 app.command()(guarded(prepare))
@@ -15,5 +16,6 @@ app.command()(guarded(merge))
 app.command()(guarded(export))
 app.command()(guarded(chat))
 app.command()(guarded(combine))
+app.command()(guarded(serve))
 
 __all__ = ["app", "bare_resume_means_latest", "console", "run"]

@@ -7,7 +7,8 @@ from contextlib import contextmanager, nullcontext
 
 import torch
 
-from lorafit.data.tokenize import pad_token_id
+from lorafit.compute.continuous import ContinuousBatcher, Sequence, generate_all
+from lorafit.compute.sampling import Sampling
 
 
 @contextmanager
@@ -27,7 +28,6 @@ def generation_mode(model) -> Iterator[None]:
         model.train(was_training)
 
 
-@torch.no_grad()
 def greedy_generate(
     model,
     tokenizer,
@@ -38,36 +38,22 @@ def greedy_generate(
     batch_size: int = 16,
     stop_ids: list[int] | None = None,
 ) -> list[str]:
-    """Greedy answers to already-rendered prompts, in order. Prompts are batched by length with left
-    padding; each answer ends at the first of `stop_ids` (default: the tokenizer's EOS; for chat
-    prompts, chat_template.end_of_turn_ids), not included, or after `max_new_tokens`."""
-    pad_id = pad_token_id(tokenizer)
-    stops = stop_ids or [tokenizer.eos_token_id]
-    encoded = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
-    order = sorted(range(len(prompts)), key=lambda i: len(encoded[i]))
-    answers: list[str] = [""] * len(prompts)
-    for start in range(0, len(order), batch_size):
-        chunk = order[start : start + batch_size]
-        width = max(len(encoded[i]) for i in chunk)
-        ids = torch.full((len(chunk), width), pad_id, dtype=torch.long)
-        mask = torch.zeros((len(chunk), width), dtype=torch.long)
-        for row, index in enumerate(chunk):
-            tokens = encoded[index]
-            ids[row, width - len(tokens) :] = torch.as_tensor(tokens)
-            mask[row, width - len(tokens) :] = 1
-        with autocast():
-            output = model.generate(
-                input_ids=ids.to(device),
-                attention_mask=mask.to(device),
-                max_new_tokens=max_new_tokens,
-                do_sample=False,
-                pad_token_id=pad_id,
-                eos_token_id=stops,
-            )
-        for row, index in enumerate(chunk):
-            new = until_stop(output[row, width:].tolist(), stops)
-            answers[index] = tokenizer.decode(new, skip_special_tokens=True).strip()
-    return answers
+    """Greedy answers to already-rendered prompts, in order, through continuous batching (the
+    serving engine's): up to `batch_size` answers decode together and a finished one's row goes to
+    the next prompt at once. Each answer ends at the first of `stop_ids` (default: the tokenizer's
+    EOS; for chat prompts, chat_template.end_of_turn_ids), not included, or after `max_new_tokens`."""
+    stops = tuple(stop_ids or [tokenizer.eos_token_id])
+    batcher = ContinuousBatcher(
+        model,
+        device,
+        max_batch=batch_size,
+        autocast=autocast,
+        max_positions=getattr(getattr(model, "config", None), "max_position_embeddings", None),
+    )
+    sampling = Sampling(max_new_tokens, stop_ids=stops)
+    sequences = [Sequence(tokenizer(p, add_special_tokens=False)["input_ids"], sampling) for p in prompts]
+    generate_all(batcher, sequences)
+    return [tokenizer.decode(until_stop(s.generated, list(stops)), skip_special_tokens=True).strip() for s in sequences]
 
 
 def until_stop(tokens: list[int], stops: list[int]) -> list[int]:

@@ -4,11 +4,12 @@ Same model (the embedded SmolLM2-135M-Instruct, bf16 where the CPU has it, as `l
 runs), same prompts (the pydocs instruction test set rendered with the model's chat template),
 greedy, the same end-of-turn stops and token budget. The peer is how lorafit generated task
 answers before (and how the tutorials do it): prompts sorted by length, `model.generate` on batches
-of --batch with left padding, every row decoding until the batch's longest answer ends. lorafit's
-is `greedy_generate` as `lorafit eval` calls it now: the serving engine's continuous batching,
---batch rows, a finished row taken by the next prompt at once.
+of --peer-batch (8: `lorafit eval`'s batch before) with left padding, every row decoding until the
+batch's longest answer ends. lorafit's is `greedy_generate` as `lorafit eval` calls it now: the
+serving engine's continuous batching, --batch rows (32: `--generate-batch-size`), a finished row
+taken by the next prompt at once. --peer-batch 32 compares at equal rows.
 
-    .venv/bin/python bench/eval_generation.py [--prompts 175] [--batch 8] [--max-new-tokens 128]
+    .venv/bin/python bench/eval_generation.py [--prompts 175] [--batch 32] [--peer-batch 8] [--max-new-tokens 128]
 
 Ends with: RESULT speedup=X answers_equal=K/N seconds_lorafit=A seconds_peer=B
 (speedup = peer time / lorafit time; answers_equal counts identical greedy answers.)
@@ -64,7 +65,8 @@ def peer_generate(model, tokenizer, prompts, max_new_tokens, device, autocast, b
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--prompts", type=int, default=175)
-    parser.add_argument("--batch", type=int, default=8, help="rows decoded together (lorafit eval's default)")
+    parser.add_argument("--batch", type=int, default=32, help="rows decoded together (lorafit eval's default)")
+    parser.add_argument("--peer-batch", type=int, default=8, help="the peer's batch (lorafit eval's before: 8)")
     parser.add_argument("--max-new-tokens", type=int, default=128, help="eval.task_max_new_tokens's default")
     parser.add_argument("--tasks", type=Path, default=DEFAULT_TASKS)
     args = parser.parse_args()
@@ -93,7 +95,8 @@ def main() -> None:
     stops = end_of_turn_ids(tokenizer, template)
     print(
         f"machine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads; torch "
-        f"{torch.__version__}, transformers {transformers.__version__}; {len(prompts)} prompts, batch {args.batch}, "
+        f"{torch.__version__}, transformers {transformers.__version__}; {len(prompts)} prompts, rows {args.batch} "
+        f"(peer {args.peer_batch}), "
         f"up to {args.max_new_tokens} new tokens, {precision}",
         flush=True,
     )
@@ -107,7 +110,7 @@ def main() -> None:
         ours_s = time.perf_counter() - started
         print(f"lorafit (continuous batching): {ours_s:.1f} s", flush=True)
         started = time.perf_counter()
-        peer = peer_generate(model, tokenizer, prompts, args.max_new_tokens, device, autocast, args.batch, stops)
+        peer = peer_generate(model, tokenizer, prompts, args.max_new_tokens, device, autocast, args.peer_batch, stops)
         peer_s = time.perf_counter() - started
         print(f"peer (generate in batches):    {peer_s:.1f} s", flush=True)
     equal = sum(a == b for a, b in zip(ours, peer))

@@ -172,6 +172,70 @@ def throughput_check(model: Path, steps: int) -> str:
     return f"CHECK train_throughput {result[-1] if result else 'FAILED ' + proc.stderr[-300:]!r}"
 
 
+def serve_check(model: Path, run: Path, engine: str = "lorafit") -> str:
+    """`lorafit serve` (or --engine vllm) on the GPU: 32 concurrent greedy requests over the adapter
+    and the base; how many equal their answer asked alone, and the generated tokens/s."""
+    import socket
+    import urllib.request
+    from concurrent.futures import ThreadPoolExecutor
+
+    if engine == "vllm":
+        import importlib.util
+
+        if importlib.util.find_spec("vllm") is None:
+            return "CHECK serve_vllm skipped (vLLM is not installed on this machine)"
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    command = [sys.executable, "-m", "lorafit.cli", "serve", "--base", str(model), "--adapter", f"a={run}"]
+    command += ["--port", str(port), "--engine", engine]
+    if engine == "lorafit":
+        command += ["--precision", "fp32", "--max-concurrent", "32"]
+    log = run.parent / f"serve-{engine}.log"
+    server = subprocess.Popen(command, stdout=log.open("w"), stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+
+    def post(model_id: str, question: str) -> dict:
+        body = {
+            "model": model_id,
+            "messages": [{"role": "user", "content": question}],
+            "max_tokens": 48,
+            "temperature": 0,
+        }
+        request = urllib.request.Request(
+            f"{url}/v1/chat/completions", json.dumps(body).encode(), {"content-type": "application/json"}
+        )
+        with urllib.request.urlopen(request, timeout=600) as response:
+            return json.load(response)
+
+    try:
+        deadline = time.time() + 300
+        while True:
+            if server.poll() is not None or time.time() > deadline:
+                return f"CHECK serve_{engine} FAILED {log.read_text()[-300:]!r}"
+            try:
+                with urllib.request.urlopen(f"{url}/v1/models", timeout=2) as response:
+                    base = next(m["id"] for m in json.load(response)["data"] if m.get("parent") is None)
+                break
+            except OSError:
+                time.sleep(1)
+        asks = [("a" if i % 2 else base, f"Explain Python feature number {i}.") for i in range(32)]
+        alone = [post(*ask)["choices"][0]["message"]["content"] for ask in asks[:8]]
+        started = time.perf_counter()
+        with ThreadPoolExecutor(32) as pool:
+            together = list(pool.map(lambda ask: post(*ask), asks))
+        wall = time.perf_counter() - started
+        tokens = sum(answer["usage"]["completion_tokens"] for answer in together)
+        equal = sum(a == t["choices"][0]["message"]["content"] for a, t in zip(alone, together))
+        return (
+            f"CHECK serve_{engine} ok concurrent=32 equal_to_alone={equal}/8 tokens={tokens} "
+            f"tokens_per_s={tokens / wall:.0f} wall_s={wall:.1f}"
+        )
+    finally:
+        server.terminate()
+        server.wait(timeout=60)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", "/tmp/gpu-check")))
@@ -225,6 +289,8 @@ def main() -> None:
     for engine in ("fsdp", "deepspeed-zero3"):  # the small shape: each process loads it on its own
         config = run_config(small, "bf16" if cuda else "fp32", steps, seq)
         check(lambda engine=engine, config=config: launched_check(engine, work, config, processes))
+    for engine in ("lorafit", "vllm"):
+        check(lambda engine=engine: serve_check(small, work / "bf16", engine))
     check(lambda: throughput_check(small, 30 if cuda else 4))
     (args.out / "gpu_check.txt").write_text("\n".join([f"GPU {gpu}", *lines]) + "\n")
 

@@ -2,7 +2,8 @@
 # The GPU checks, in one prepared run on a CUDA machine (under 8 minutes on one H200):
 # fp16, bf16 (and a 1B Llama-shaped model, with gradient checkpointing), 4-bit QLoRA, 8-bit and
 # LoftQ through bitsandbytes, SIGKILL + exact resume on the GPU, FSDP2 and DeepSpeed ZeRO-3 over every
-# GPU (lorafit train --launcher accelerate), and bench/train_throughput.py
+# GPU (lorafit train --launcher accelerate), lorafit serve on the GPU (and --engine vllm where vLLM is
+# installed), and bench/train_throughput.py
 # against Trainer + PEFT bf16; one "CHECK name ..." line of figures each (bench/gpu_check.py).
 #
 # What it installs: with network, the CUDA build of the pinned torch==2.13.0 (PyPI's default

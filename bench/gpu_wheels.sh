@@ -15,7 +15,8 @@ fetch() {
     "${platforms[@]}" -d .whl "$@"
 }
 for name in trafilatura courlan htmldate justext lxml_html_clean dateparser tld babel tzlocal datasketch \
-    gguf pypdf rouge-score nltk sacrebleu bitsandbytes hjson; do
+    gguf pypdf rouge-score nltk sacrebleu bitsandbytes hjson fastapi starlette uvicorn h11 annotated-doc \
+    opentelemetry-api; do
   version=$(grep -i "^${name//_/[-_]}==" constraints.txt | head -1 | cut -d= -f3)
   fetch "$name${version:+==$version}" || echo "gpu_wheels: no wheel for $name"
 done

@@ -123,6 +123,7 @@ def _defaults(function) -> dict[str, object]:
             "lorafit.cli.eval_commands:evaluate_models",
             {
                 "batch_size": "options.eval_batch_size",
+                "generate_batch_size": "eval.batch_size",
                 "max_blocks": "options.max_blocks",
                 "task_max_examples": "eval.task_max_examples",
                 "max_new_tokens": "eval.max_new_tokens",

@@ -238,16 +238,15 @@ def raw_post(server, path: str, body: dict, declared: int | None = None) -> sock
     return connection
 
 
+def wait_until_idle(server, seconds: float = 30) -> None:
+    deadline = time.time() + seconds
+    while time.time() < deadline and (server.health()["running"] or server.health()["waiting"]):
+        time.sleep(0.05)
+
+
 def test_cut_bodies_and_clients_that_leave_free_the_server(client, server):
-    stream = {
-        "model": "plain",
-        "messages": QUESTION,
-        "max_tokens": 200,
-        "n": 4,
-        "temperature": 1.0,
-        "seed": 1,
-        "stream": True,
-    }
+    # ignore_eos: the answers run to max_tokens, so only a cancel can end them early.
+    stream = {"model": "plain", "messages": QUESTION, "max_tokens": 200, "n": 4, "stream": True, "ignore_eos": True}
     before = server.health()
     # A body cut mid-way (the client promised 5000 bytes and went away).
     cut = raw_post(server, "/v1/chat/completions", {"model": "plain"}, declared=5000)
@@ -255,25 +254,24 @@ def test_cut_bodies_and_clients_that_leave_free_the_server(client, server):
     # A streaming client that reads its first chunk and leaves: its four rows are freed at once.
     leaving = raw_post(server, "/v1/chat/completions", stream)
     received = b""
-    while b"data: " not in received:
+    while received.count(b"data: ") < 3:  # the role chunk, then tokens: its rows are decoding
         received += leaving.recv(4096)
     leaving.close()
+    wait_until_idle(server)
     # A client that never reads its stream blocks nobody.
     silent = raw_post(server, "/v1/chat/completions", {**stream, "n": 1})
     started = time.time()
     assert ask(client, "dora", max_tokens=8).choices[0].message.content
     assert time.time() - started < 60
     silent.close()
-    deadline = time.time() + 30
-    while time.time() < deadline and server.health()["running"]:
-        time.sleep(0.1)
+    wait_until_idle(server)
     after = server.health()
     assert after["running"] == 0 and after["status"] == "ok"
     assert after["cancelled"] - before["cancelled"] >= 4  # the leaving client's choices, stopped unfinished
 
 
 def test_a_full_queue_answers_429_with_retry_after(server):
-    body = {"model": "plain", "messages": QUESTION, "max_tokens": 200, "temperature": 1.0, "seed": 3}
+    body = {"model": "plain", "messages": QUESTION, "max_tokens": 200, "temperature": 0, "ignore_eos": True}
     results: list[tuple[int, dict, dict]] = []
     auth = {"authorization": f"Bearer {API_KEY}"}
     threads = [
@@ -377,3 +375,45 @@ def test_vllm_engine_gets_the_rank_and_refuses_what_it_would_serve_wrong(adapter
     for name, says in (("dora", "DoRA"), ("saved", "modules_to_save")):
         with pytest.raises(UsageError, match=says):
             vllm_command({name: str(adapters[name])}, str(tiny_model_dir), "127.0.0.1", 8000, None)
+
+
+def test_serve_refuses_what_it_cannot_do_before_loading_anything():
+    from test_cli import invoke
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        result = invoke("serve", "--port", str(taken.getsockname()[1]))
+    assert result.exit_code == 2 and "cannot listen on 127.0.0.1" in result.output
+    result = invoke("serve", "--max-concurrent", "0")
+    assert result.exit_code == 2 and "--max-concurrent must be at least 1" in result.output
+    result = invoke("serve", "--engine", "vllm")
+    assert result.exit_code == 2 and "vLLM is not installed" in result.output
+    result = invoke("serve", "--adapter", "x=/no/such/folder")
+    assert result.exit_code == 2 and "no such folder" in result.output
+
+
+def test_a_failed_first_load_leaves_the_bare_base_as_it_was(adapters, tiny_model_dir, tmp_path):
+    from lorafit.errors import UsageError
+    from lorafit.serve.host import ModelHost
+
+    library = tmp_path / "library"
+    broken = shutil.copytree(adapters["plain"], library / "wrong-shape")
+    weights = broken / "adapter_model.safetensors"
+    from safetensors.torch import load_file, save_file
+
+    tensors = {k: torch.cat([v, v], dim=0) if "lora_B" in k else v for k, v in load_file(weights).items()}
+    save_file(tensors, weights)  # B matrices of twice the output size: PEFT injects, then cannot load
+    host = ModelHost({}, str(tiny_model_dir), "fp32", [library])
+    ids = torch.tensor([[5, 6, 7, 8]])
+    before = host.model(input_ids=ids).logits
+    with pytest.raises(UsageError, match="does not fit"):
+        host.load_runtime("x", "wrong-shape")
+    assert type(host.model).__name__ == "LlamaForCausalLM" and "x" not in host.served
+    assert not any("lora" in name for name, _ in host.model.named_modules())
+    torch.testing.assert_close(host.model(input_ids=ids).logits, before)
+    shutil.copytree(adapters["plain"], library / "plain")
+    assert host.load_runtime("plain", "plain").lane == "shared"
+    host.retire("plain")
+    host.drop("plain")
+    torch.testing.assert_close(host.model(input_ids=ids).logits, before)

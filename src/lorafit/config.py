@@ -267,7 +267,11 @@ class EvalSection(Section):
     )
     task_max_new_tokens: int = Field(128, ge=1, description="Tokens generated per task answer (greedy).")
     task_max_examples: int = Field(0, ge=0, description="Score only the first N task records (0 = all).")
-    batch_size: int = Field(16, ge=1, description="Prompts generated together in task evaluation.")
+    batch_size: int = Field(
+        32,
+        ge=1,
+        description="Answers decoded together (continuous batching) for task answers and side-by-side generations.",
+    )
 
     @field_validator("prompts", "tasks", "general", mode="before")
     @classmethod

@@ -17,7 +17,7 @@ class CommandOptions(Section):
     """Options of commands that are not run-config keys, with their types and ranges; checked like
     config keys (`check_options`), so every number a user types has its range beside the config's."""
 
-    eval_batch_size: int = Field(8, ge=1, description="Blocks (and prompts) evaluated together.")
+    eval_batch_size: int = Field(8, ge=1, description="Perplexity blocks evaluated together.")
     max_blocks: int = Field(0, ge=0, description="Score only the first N blocks of each text (0 = all).")
     max_shard_mb: int = Field(2048, ge=1, description="Largest safetensors shard, in MB.")
     combine_weights: list[float] = Field(

@@ -47,9 +47,12 @@ def evaluate_models(
     seq_len: Annotated[
         int | None, typer.Option(help="Context of the perplexity blocks. Default: the run's train.seq_len.")
     ] = None,
-    batch_size: Annotated[int, typer.Option(help="Blocks (and prompts) evaluated together.")] = default_of(
+    batch_size: Annotated[int, typer.Option(help="Perplexity blocks evaluated together.")] = default_of(
         "options.eval_batch_size"
     ),
+    generate_batch_size: Annotated[
+        int, typer.Option(help="Answers decoded together (continuous batching): task answers, generations.")
+    ] = default_of("eval.batch_size"),
     max_blocks: Annotated[int, typer.Option(help="Score only the first N blocks of each text (0 = all).")] = (
         default_of("options.max_blocks")
     ),
@@ -86,6 +89,7 @@ def evaluate_models(
             prompts=read_prompt_lines(prompts) if prompts is not None else None,
             seq_len=seq_len,
             batch_size=batch_size,
+            generate_batch_size=generate_batch_size,
             max_blocks=max_blocks,
             task_max_examples=task_max_examples,
             max_new_tokens=max_new_tokens,

@@ -60,6 +60,7 @@ def serve(
     if not 0 <= port <= 65535:
         raise UsageError(f"--port {port}: not a port number.")
     named = parse_named(adapter or [])
+    check_port_free(host, port)
     if engine == "vllm":
         from lorafit.serve.vllm import serve_with_vllm
 
@@ -90,3 +91,22 @@ def serve(
         uvicorn.run(app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=5)
     finally:
         worker.stop()
+
+
+def check_port_free(host: str, port: int) -> None:
+    """Refuse a taken address before minutes of model loading, not after."""
+    import socket
+
+    from lorafit.errors import UsageError
+
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except socket.gaierror as exc:
+        raise UsageError(f"--host {host}: {exc.strerror or exc}.") from None
+    family, kind, _, _, address = infos[0]
+    with socket.socket(family, kind) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind(address)
+        except OSError as exc:
+            raise UsageError(f"cannot listen on {host}:{port} ({exc.strerror}); pass another --port.") from None

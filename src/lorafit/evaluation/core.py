@@ -39,7 +39,8 @@ class EvalInputs:
     fed_prompts: list[str]  # as the model gets them (rendered through the chat template)
     device: torch.device
     autocast: Callable = nullcontext
-    batch_size: int = 8  # task scoring, and perplexity unless loss_batch_size is set
+    batch_size: int = 8  # perplexity blocks, unless loss_batch_size is set
+    generate_batch_size: int = 32  # answers decoded together (task scoring, side-by-side generations)
     loss_batch_size: int | None = None  # a training run measures in its micro-batches
     max_new_tokens: int = 48
     task_max_new_tokens: int = 128
@@ -87,6 +88,7 @@ def model_outputs(model, inputs: EvalInputs) -> dict:
                 inputs.max_new_tokens,
                 inputs.device,
                 inputs.autocast,
+                batch_size=inputs.generate_batch_size,
                 stop_ids=end_of_turn_ids(inputs.tokenizer, inputs.template) if inputs.template else None,
             )
         }
@@ -97,7 +99,7 @@ def model_outputs(model, inputs: EvalInputs) -> dict:
                 inputs.template,
                 inputs.records,
                 inputs.task_max_new_tokens,
-                inputs.batch_size,
+                inputs.generate_batch_size,
                 inputs.device,
                 inputs.autocast,
             )

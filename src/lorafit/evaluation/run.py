@@ -69,6 +69,7 @@ class EvalRequest:
     prompts: list[str] = field(default_factory=list)
     seq_len: int | None = None
     batch_size: int = default_of("options.eval_batch_size")
+    generate_batch_size: int = default_of("eval.batch_size")
     max_blocks: int = default_of("options.max_blocks")
     task_max_examples: int = default_of("eval.task_max_examples")
     max_new_tokens: int = default_of("eval.max_new_tokens")
@@ -182,7 +183,12 @@ def _evaluate(request: EvalRequest, out: Path, console: Console) -> EvalResult:
         task_files=request.tasks,
         seq_len=seq_len,
     )
-    report["settings"] = {"precision": precision, "device": str(inputs.device), "batch_size": request.batch_size}
+    report["settings"] = {
+        "precision": precision,
+        "device": str(inputs.device),
+        "batch_size": request.batch_size,
+        "generate_batch_size": request.generate_batch_size,
+    }
     # Every record or file left out, with where and why (the terminal shows the first of them).
     report["data"]["skipped"] = problems.records()
     paths = write_report(out, report)
@@ -229,6 +235,7 @@ def _eval_inputs(
         fed_prompts=fed,
         device=default_device(),
         batch_size=max(request.batch_size, 1),
+        generate_batch_size=max(request.generate_batch_size, 1),
         max_new_tokens=request.max_new_tokens,
         task_max_new_tokens=request.task_max_new_tokens,
     )

@@ -44,8 +44,7 @@ def create_app(host: ModelHost, worker: Worker, limits: ServeLimits) -> FastAPI:
 
     @app.get("/health")
     async def health() -> dict:
-        batcher = worker.batcher
-        return {"status": "ok", "running": batcher.running, "waiting": worker.waiting, "cancelled": batcher.freed}
+        return {"status": "ok", "running": worker.running, "waiting": worker.waiting, "cancelled": worker.batcher.freed}
 
     @app.get("/v1/models")
     async def list_models(request: Request) -> dict:
@@ -267,7 +266,7 @@ def sampling_for(
         temperature=temperature,
         top_p=1.0 if body.top_p is None else body.top_p,
         seed=body.seed,
-        stop_ids=tuple(served.stop_ids),
+        stop_ids=() if body.ignore_eos else tuple(served.stop_ids),
         logprobs=body.logprobs_count,
     )
 

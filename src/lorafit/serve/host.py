@@ -171,6 +171,8 @@ def strip_adapter_layers(model):
         parent = model.get_submodule(parent_name) if parent_name else model
         original = module.original_module if isinstance(module, AuxiliaryTrainingWrapper) else module.get_base_layer()
         setattr(parent, child, original)
+    if "peft_config" in vars(model):  # PEFT's record of the injected adapter, kept on the base model
+        del model.peft_config
     return model
 
 

@@ -52,6 +52,7 @@ class GenerationFields(BaseModel):
     seed: int | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
+    ignore_eos: bool = False  # vLLM's extension: generate to max_tokens (load tests); stop strings still apply
 
     @property
     def stops(self) -> list[str]:

@@ -49,6 +49,12 @@ class Worker:
         self.wake = threading.Event()
         self.stopping = False
         self.dropping: set[str] = set()  # adapters retired while sequences still use them
+        # Counts the request handlers read, written only by the model's thread (the batcher's own
+        # dicts may change size under a reader on another thread).
+        self.running = 0
+        self.queued = 0
+        self.incoming = 0  # sequences submitted and not yet taken from the inbox
+        self.counting = threading.Lock()
         self.thread = threading.Thread(target=self._run, name="lorafit-model", daemon=True)
 
     def start(self) -> None:
@@ -61,13 +67,17 @@ class Worker:
 
     @property
     def waiting(self) -> int:
-        return self.batcher.queued + self.inbox.qsize()
+        """Sequences not decoding yet: queued in the batcher or still in the inbox."""
+        return self.queued + self.incoming
 
     def submit(self, sequences: list[Sequence], callback: TokenCallback) -> None:
-        """Queue sequences (one request's choices); QueueFullError when the queue has no room for them."""
-        waiting = self.waiting
-        if waiting and waiting + len(sequences) > self.max_queue:
-            raise QueueFullError
+        """Queue sequences (one request's choices); QueueFullError when the queue has no room for them
+        (a request alone is always taken, however many choices it asks for)."""
+        with self.counting:
+            waiting = self.waiting
+            if waiting and waiting + len(sequences) > self.max_queue:
+                raise QueueFullError
+            self.incoming += len(sequences)
         self.inbox.put(("submit", (sequences, callback)))
         self.wake.set()
 
@@ -85,6 +95,7 @@ class Worker:
     def _run(self) -> None:
         while not self.stopping:
             self._take_inbox()
+            self.running, self.queued = self.batcher.running, self.batcher.queued
             if not self.batcher.busy:
                 self.wake.wait(timeout=1.0)
                 self.wake.clear()
@@ -95,6 +106,8 @@ class Worker:
                 log.exception("generation step failed")
                 self._fail_all(f"generation failed: {type(exc).__name__}: {exc}")
                 continue
+            with self.counting:
+                self.running, self.queued = self.batcher.running, self.batcher.queued
             for step in made:
                 callback = self.callbacks.get(step.sequence.id)
                 if step.finish_reason is not None:
@@ -129,6 +142,9 @@ class Worker:
                 for sequence in sequences:
                     self.callbacks[sequence.id] = callback
                     self.batcher.add(sequence)
+                with self.counting:
+                    self.queued = self.batcher.queued
+                    self.incoming -= len(sequences)
             elif kind == "cancel":
                 for sequence in item:
                     self.callbacks.pop(sequence.id, None)

@@ -105,7 +105,7 @@ def prepare_run_inputs(config: RunConfig, folder: RunFolder, device: torch.devic
             shown_prompts=shown,
             fed_prompts=fed,
             device=device,
-            batch_size=evaluation.batch_size,
+            generate_batch_size=evaluation.batch_size,
             loss_batch_size=train.micro_batch_size,
             max_new_tokens=evaluation.max_new_tokens,
             task_max_new_tokens=evaluation.task_max_new_tokens,

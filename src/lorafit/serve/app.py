@@ -12,7 +12,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, ValidationError
 from starlette.requests import ClientDisconnect
 
@@ -20,9 +20,9 @@ from lorafit.compute.sampling import Sampling
 from lorafit.data.chat_template import RenderError, render_prompt
 from lorafit.errors import UsageError
 from lorafit.serve import protocol as wire
-from lorafit.serve.errors import APIError, error_body, install_error_handlers, validation_response
+from lorafit.serve.errors import APIError, error_body, install_error_handlers, validation_error
 from lorafit.serve.host import ModelHost, ServedModel
-from lorafit.serve.runs import RequestRun
+from lorafit.serve.runs import GenerationFailedError, RequestRun
 from lorafit.serve.worker import QueueFullError, Worker
 
 _ADAPTER_NAME = re.compile(r"^[\w.+-]{1,64}$")
@@ -56,14 +56,16 @@ def create_app(host: ModelHost, worker: Worker, limits: ServeLimits) -> FastAPI:
         check_api_key(request, limits)
         return card(host, lookup(host, model_id))
 
+    async def generation_request(request: Request, schema: type[wire.GenerationFields]):
+        """The body of a completion request, checked, and the model it names."""
+        check_api_key(request, limits)
+        body = await read_body(request, schema, limits)
+        body.check(limits.max_n)
+        return body, lookup(host, body.model)
+
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
-        check_api_key(request, limits)
-        body = await read_body(request, wire.ChatCompletionRequest, limits)
-        if isinstance(body, JSONResponse):
-            return body
-        body.check(limits.max_n)
-        served = lookup(host, body.model)
+        body, served = await generation_request(request, wire.ChatCompletionRequest)
         try:
             text = render_prompt(host.tokenizer, served.template, [m.as_dict() for m in body.messages])
         except RenderError as exc:
@@ -89,12 +91,7 @@ def create_app(host: ModelHost, worker: Worker, limits: ServeLimits) -> FastAPI:
 
     @app.post("/v1/completions")
     async def completions(request: Request):
-        check_api_key(request, limits)
-        body = await read_body(request, wire.CompletionRequest, limits)
-        if isinstance(body, JSONResponse):
-            return body
-        body.check(limits.max_n)
-        served = lookup(host, body.model)
+        body, served = await generation_request(request, wire.CompletionRequest)
         runs: list[tuple[RequestRun, str]] = []
         for number, item in enumerate(body.prompts()):
             text = item if isinstance(item, str) else host.tokenizer.decode(item)
@@ -136,8 +133,6 @@ def create_app(host: ModelHost, worker: Worker, limits: ServeLimits) -> FastAPI:
     async def load_adapter(request: Request):
         check_admin_key(request, limits)
         body = await read_body(request, wire.AdapterLoadRequest, limits)
-        if isinstance(body, JSONResponse):
-            return body
         if not _ADAPTER_NAME.match(body.name):
             raise APIError(400, "name: use letters, digits and . _ + - (at most 64).", param="name")
         if body.name in host.served or body.name in worker.dropping:
@@ -230,7 +225,7 @@ async def read_body(request: Request, schema: type[BaseModel], limits: ServeLimi
     try:
         return schema.model_validate(data)
     except ValidationError as exc:
-        return validation_response(exc.errors())
+        raise validation_error(exc.errors()) from None
 
 
 def sampling_for(
@@ -294,7 +289,7 @@ async def finish(run: RequestRun, request: Request) -> None:
                 raise APIError(400, "The client disconnected.")
         try:
             consume.result()
-        except RuntimeError as exc:
+        except GenerationFailedError as exc:
             raise APIError(500, str(exc)) from None
     finally:
         if not consume.done():
@@ -335,7 +330,7 @@ async def stream_chat(run: RequestRun, body, served: ServedModel, request: Reque
                     "finish_reason": delta.finish_reason,
                 }
                 yield wire.chat_chunk(id_, served.id, created, [choice])
-        except RuntimeError as exc:
+        except GenerationFailedError as exc:
             yield error_body(500, str(exc))
             return
         if body.include_usage:
@@ -368,7 +363,7 @@ async def stream_completions(runs, body, served: ServedModel, request: Request) 
                         "finish_reason": delta.finish_reason,
                     }
                     yield wire.completion_response(id_, served.id, [choice], None)
-            except RuntimeError as exc:
+            except GenerationFailedError as exc:
                 yield error_body(500, str(exc))
                 return
         if body.include_usage:

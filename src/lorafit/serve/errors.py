@@ -61,8 +61,8 @@ def install_error_handlers(app: FastAPI) -> None:
         return JSONResponse(error_body(exc.status_code, message), exc.status_code, headers=exc.headers)
 
     @app.exception_handler(RequestValidationError)
-    async def validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
-        return validation_response(exc.errors())
+    async def request_validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
+        return error_response(validation_error(exc.errors()))
 
     @app.exception_handler(Exception)
     async def server_error(_: Request, exc: Exception) -> JSONResponse:
@@ -70,9 +70,9 @@ def install_error_handlers(app: FastAPI) -> None:
         return JSONResponse(error_body(500, f"internal error: {type(exc).__name__}"), 500)
 
 
-def validation_response(errors) -> JSONResponse:
+def validation_error(errors) -> APIError:
     """pydantic's complaints about a body's fields and types: 422, the first one named."""
     first = errors[0] if errors else {}
     param = ".".join(str(part) for part in first.get("loc", ()) if part != "body") or None
     message = f"{param}: {first.get('msg', 'invalid value')}" if param else first.get("msg", "invalid request body")
-    return JSONResponse(error_body(422, message, param, "invalid_value"), 422)
+    return APIError(422, message, param, "invalid_value")

@@ -25,6 +25,10 @@ class Delta:
     finish_reason: str | None
 
 
+class GenerationFailedError(Exception):
+    """The model failed while this request was decoding (the server's fault: a 500)."""
+
+
 class RequestRun:
     def __init__(
         self,
@@ -74,7 +78,7 @@ class RequestRun:
             event = await self.events.get()
             if isinstance(event, Failure):
                 self.open.clear()
-                raise RuntimeError(event.message)
+                raise GenerationFailedError(event.message)
             delta = self._take(event)
             if delta is not None:
                 yield delta

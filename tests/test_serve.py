@@ -407,6 +407,10 @@ def test_a_failed_first_load_leaves_the_bare_base_as_it_was(adapters, tiny_model
     host = ModelHost({}, str(tiny_model_dir), "fp32", [library])
     ids = torch.tensor([[5, 6, 7, 8]])
     before = host.model(input_ids=ids).logits
+    # A server with no adapter yet answers for the base, as generate does.
+    batcher = ContinuousBatcher(host.model, host.device)
+    alone = generate_all(batcher, [Sequence([5, 6, 7, 8], Sampling(10), ADAPTER_BASE)])[0].generated
+    assert alone == host.model.generate(ids, max_new_tokens=10, do_sample=False, eos_token_id=[])[0, 4:].tolist()
     with pytest.raises(UsageError, match="does not fit"):
         host.load_runtime("x", "wrong-shape")
     assert type(host.model).__name__ == "LlamaForCausalLM" and "x" not in host.served

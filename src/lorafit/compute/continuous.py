@@ -278,7 +278,8 @@ def adapter_selection(model, adapters: list[str | None]) -> tuple[AbstractContex
         return mixed_batch(model, list(adapters)), {}
     (name,) = names
     if name == ADAPTER_BASE:
-        return model.disable_adapter(), {}
+        # A plain model (a server with no adapter loaded yet) is the base already.
+        return (model.disable_adapter() if hasattr(model, "disable_adapter") else nullcontext()), {}
     if model.active_adapter != name:
         model.set_adapter(name)
     return nullcontext(), {}

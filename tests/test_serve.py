@@ -385,6 +385,8 @@ def test_serve_refuses_what_it_cannot_do_before_loading_anything():
         taken.listen()
         result = invoke("serve", "--port", str(taken.getsockname()[1]))
     assert result.exit_code == 2 and "cannot listen on 127.0.0.1" in result.output
+    result = invoke("serve", "--precision", "fp64")
+    assert result.exit_code == 2 and "--precision 'fp64'" in result.output
     result = invoke("serve", "--max-concurrent", "0")
     assert result.exit_code == 2 and "--max-concurrent must be at least 1" in result.output
     result = invoke("serve", "--engine", "vllm")

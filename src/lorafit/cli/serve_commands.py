@@ -29,7 +29,9 @@ def serve(
     ] = None,
     adapter_dir: Annotated[
         list[Path] | None,
-        typer.Option("--adapter-dir", help="Folder adapters may be loaded from at run time (repeatable)."),
+        typer.Option(
+            "--adapter-dir", metavar="DIR", help="Folder adapters may be loaded from at run time (repeatable)."
+        ),
     ] = None,
     engine: Annotated[str, typer.Option(help="lorafit (built in) or vllm (a GPU machine with vLLM installed).")] = (
         "lorafit"
@@ -47,7 +49,9 @@ def serve(
     """Serve the base model and its adapters over the OpenAI API (model = the adapter's name)."""
     from lorafit.adapters.switch import parse_named
     from lorafit.errors import UsageError
+    from lorafit.options import check_options
 
+    check_options({"--precision": ("train.precision", precision)})
     for name, value in (
         ("--max-concurrent", max_concurrent),
         ("--max-queue", max_queue),

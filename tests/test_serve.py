@@ -196,7 +196,10 @@ def test_every_client_mistake_gets_its_4xx_in_the_openai_shape(client, server):
         assert raised.value.body["param"] == param
     with pytest.raises(openai.BadRequestError) as raised:
         ask(client, "plain", [{"role": "user", "content": "word " * 400}])
-    assert raised.value.body["code"] == "context_length_exceeded"
+    assert raised.value.body["code"] == "context_length_exceeded" and raised.value.body["param"] == "messages"
+    with pytest.raises(openai.BadRequestError) as raised:
+        client.completions.create(model="plain", prompt="word " * 400)
+    assert raised.value.body["code"] == "context_length_exceeded" and raised.value.body["param"] == "prompt"
     wrong = openai.OpenAI(base_url=f"{server.url}/v1", api_key="wrong", max_retries=0)
     with pytest.raises(openai.AuthenticationError):
         wrong.models.list()

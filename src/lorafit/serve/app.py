@@ -239,7 +239,7 @@ def sampling_for(
         raise APIError(
             400,
             f"The prompt is {len(prompt)} tokens; this model's context is {context}.",
-            param="messages",
+            param="messages" if isinstance(body, wire.ChatCompletionRequest) else "prompt",
             code="context_length_exceeded",
         )
     room = context - len(prompt)

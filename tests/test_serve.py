@@ -190,6 +190,7 @@ def test_every_client_mistake_gets_its_4xx_in_the_openai_shape(client, server):
         ({"stop": ["a", "b", "c", "d", "e"]}, "stop"),
         ({"max_tokens": 1000}, "max_tokens"),
         ({"n": 50}, "n"),
+        ({"response_format": {"type": "json_object"}}, "response_format"),
     ):
         with pytest.raises(openai.BadRequestError) as raised:
             ask(client, "plain", **options)

@@ -82,6 +82,7 @@ class ChatCompletionRequest(GenerationFields):
     logprobs: bool = False
     top_logprobs: int | None = None
     tools: list[Any] | None = None
+    response_format: dict[str, Any] | None = None
 
     def check(self, max_n: int) -> None:
         super().check(max_n)
@@ -89,6 +90,8 @@ class ChatCompletionRequest(GenerationFields):
             raise APIError(400, "messages must hold at least one message.", param="messages")
         if self.tools:
             raise APIError(400, "tools are not supported by this server.", param="tools")
+        if self.response_format and self.response_format.get("type", "text") != "text":
+            raise APIError(400, "only response_format {type: text} is supported.", param="response_format")
         if self.top_logprobs is not None:
             if not 0 <= self.top_logprobs <= MAX_TOP_LOGPROBS:
                 raise APIError(400, f"top_logprobs must be between 0 and {MAX_TOP_LOGPROBS}.", param="top_logprobs")

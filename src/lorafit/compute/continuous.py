@@ -69,19 +69,22 @@ class ContinuousBatcher:
         device: torch.device,
         max_batch: int = 16,
         autocast: Callable[[], AbstractContextManager] = nullcontext,
-        max_positions: int | None = None,
         prefill_tokens: int = 4096,
     ):
         self.model = model
         self.device = device
         self.max_batch = max_batch
         self.autocast = autocast
-        self.max_positions = max_positions
         self.prefill_tokens = prefill_tokens  # prompt tokens prefilled per step, so decoding rows wait little
         self.waiting: dict[str | None, deque[Sequence]] = {}
         self.lanes: dict[str, Lane] = {}
         self.cancelled: set[int] = set()
         self.freed = 0  # running sequences cancelled before their end (their rows freed)
+
+    @property
+    def max_positions(self) -> int | None:
+        """The model's context: a row that reaches it ends with 'length'."""
+        return getattr(getattr(self.model, "config", None), "max_position_embeddings", None)
 
     @property
     def running(self) -> int:
@@ -207,12 +210,13 @@ class ContinuousBatcher:
     def _choose(self, lane: Lane, logits: torch.Tensor) -> list[TokenStep]:
         choices = choose_tokens(logits, [s.sampling for s in lane.rows], [s.generator for s in lane.rows])
         made = []
+        limit = self.max_positions
         for row, (sequence, choice) in enumerate(zip(lane.rows, choices)):
             sequence.generated.append(choice.token)
             if choice.token in sequence.sampling.stop_ids:
                 sequence.finish_reason = "stop"
             elif len(sequence.generated) >= sequence.sampling.max_new_tokens or (
-                self.max_positions is not None and int(lane.positions[row]) >= self.max_positions
+                limit is not None and int(lane.positions[row]) >= limit
             ):
                 sequence.finish_reason = "length"
             made.append(TokenStep(sequence, choice, sequence.finish_reason))

@@ -43,13 +43,7 @@ def greedy_generate(
     the next prompt at once. Each answer ends at the first of `stop_ids` (default: the tokenizer's
     EOS; for chat prompts, chat_template.end_of_turn_ids), not included, or after `max_new_tokens`."""
     stops = tuple(stop_ids or [tokenizer.eos_token_id])
-    batcher = ContinuousBatcher(
-        model,
-        device,
-        max_batch=batch_size,
-        autocast=autocast,
-        max_positions=getattr(getattr(model, "config", None), "max_position_embeddings", None),
-    )
+    batcher = ContinuousBatcher(model, device, max_batch=batch_size, autocast=autocast)
     sampling = Sampling(max_new_tokens, stop_ids=stops)
     sequences = [Sequence(tokenizer(p, add_special_tokens=False)["input_ids"], sampling) for p in prompts]
     generate_all(batcher, sequences)

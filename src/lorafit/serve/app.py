@@ -35,7 +35,6 @@ class ServeLimits:
     max_body_bytes: int = 1 << 20
     max_tokens: int = 2048  # the most one choice may generate
     max_n: int = 8
-    retry_after_s: int = 1
 
 
 def create_app(host: ModelHost, worker: Worker, limits: ServeLimits) -> FastAPI:
@@ -78,7 +77,7 @@ def create_app(host: ModelHost, worker: Worker, limits: ServeLimits) -> FastAPI:
         run = RequestRun(worker, served, prompt, sampling, body.n, body.stops)
         start(run)
         if body.stream:
-            return sse(stream_chat(run, body, served, request))
+            return sse(stream_chat(run, body, served))
         await finish(run, request)
         results = run.choice_results()
         return wire.chat_response(
@@ -103,7 +102,7 @@ def create_app(host: ModelHost, worker: Worker, limits: ServeLimits) -> FastAPI:
         for run, _ in runs:
             start(run, [r for r, _ in runs])
         if body.stream:
-            return sse(stream_completions(runs, body, served, request))
+            return sse(stream_completions(runs, body, served))
         choices, completion_tokens, prompt_tokens = [], 0, 0
         try:
             for run, _ in runs:
@@ -311,7 +310,7 @@ def sse(events: AsyncIterator[dict]) -> StreamingResponse:
     return StreamingResponse(lines(), media_type="text/event-stream", headers={"cache-control": "no-cache"})
 
 
-async def stream_chat(run: RequestRun, body, served: ServedModel, request: Request) -> AsyncIterator[dict]:
+async def stream_chat(run: RequestRun, body, served: ServedModel) -> AsyncIterator[dict]:
     id_, created = wire.completion_id("chatcmpl"), int(time.time())
     try:
         first = [
@@ -339,13 +338,13 @@ async def stream_chat(run: RequestRun, body, served: ServedModel, request: Reque
         run.cancel()  # the client left mid-stream (or all ended): free the rows at once
 
 
-async def stream_completions(runs, body, served: ServedModel, request: Request) -> AsyncIterator[dict]:
+async def stream_completions(runs, body, served: ServedModel) -> AsyncIterator[dict]:
     id_ = wire.completion_id("cmpl")
     offsets: dict[int, int] = {}
     try:
         for run, text in runs:
             if body.echo:
-                for index in range(run.index[run.sequences[0].id], run.index[run.sequences[0].id] + body.n):
+                for index in range(run.first_index, run.first_index + body.n):
                     offsets[index] = len(text)
                     yield wire.completion_response(
                         id_, served.id, [{"index": index, "text": text, "logprobs": None, "finish_reason": None}], None

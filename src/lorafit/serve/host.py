@@ -82,8 +82,6 @@ class ModelHost:
     def _attach(self, name: str, item: TrainedLocation) -> ServedModel:
         if name in self.served:
             raise UsageError(f"a model named '{name}' is already served; choose another name.")
-        if not self.allow_base_mismatch:
-            check_same_base(item, self.ref, self.fingerprint)
         from peft import PeftModel
 
         had_adapters = isinstance(self.model, PeftModel)
@@ -141,6 +139,8 @@ class ModelHost:
         item = locate_trained(f"{name}={folder}")
         if item.kind != "lora":
             raise UsageError(f"path '{path_text}' holds a fully fine-tuned model, not an adapter.")
+        if not self.allow_base_mismatch:  # start-up adapters were checked by resolve_trained_base
+            check_same_base(item, self.ref, self.fingerprint)
         return self._attach(name, item)
 
     def retire(self, name: str) -> ServedModel:

@@ -231,7 +231,7 @@ def chat_chunk(id_: str, model: str, created: int, choices: list[dict], usage_: 
     }
 
 
-def completion_response(id_: str, model: str, choices: list[dict], usage_: dict | None, chunk: bool = False) -> dict:
+def completion_response(id_: str, model: str, choices: list[dict], usage_: dict | None) -> dict:
     return {
         "id": id_,
         "object": "text_completion",

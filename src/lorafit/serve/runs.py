@@ -47,7 +47,7 @@ class RequestRun:
             Sequence(prompt, sampling, served.adapter, served.lane, seeded_generator(sampling, offset=i))
             for i in range(n)
         ]
-        self.index = {s.id: first_index + i for i, s in enumerate(self.sequences)}
+        self.first_index = first_index  # of its choices in the response (a prompt list answers n each)
         self.texts = {s.id: TextStream(self.tokenizer, stops) for s in self.sequences}
         self.results = {s.id: ChoiceResult(first_index + i) for i, s in enumerate(self.sequences)}
         self.loop = asyncio.get_running_loop()

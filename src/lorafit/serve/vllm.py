@@ -6,18 +6,19 @@ wrong quietly (the faults users report), then hands the process over to vLLM:
   and refuses bigger adapters at run time);
 - adapters vLLM cannot apply as trained are refused by name: DoRA, and `modules_to_save`
   (vLLM's LoRA path drops them: the served adapter would answer differently);
-- vLLM renders every model with one chat template: adapters trained with another template than
-  the base's are refused instead of being served with the wrong prompt format."""
+- vLLM renders every model with one chat template: it is given the adapters' recorded template,
+  and adapters trained with different templates are refused instead of being served with the
+  wrong prompt format."""
 
 from __future__ import annotations
 
 import importlib.util
-import json
 import os
 import sys
 
 from lorafit.adapters.load import locate_trained, resolve_trained_base
 from lorafit.errors import UsageError
+from lorafit.integrity import read_json_file
 
 
 def vllm_command(
@@ -35,7 +36,7 @@ def vllm_command(
     for name, item in trained.items():
         if item.kind != "lora":
             raise UsageError(f"--adapter {name}: a fully fine-tuned model; serve it with --base.")
-        config = json.loads((item.path / "adapter_config.json").read_text(encoding="utf-8"))
+        config = read_json_file(item.path / "adapter_config.json")
         if config.get("use_dora"):
             raise UsageError(f"--adapter {name}: a DoRA adapter; vLLM cannot serve DoRA. Use --engine lorafit.")
         if config.get("modules_to_save"):

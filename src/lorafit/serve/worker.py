@@ -42,7 +42,6 @@ class Worker:
             host.device,
             max_batch=max_batch,
             autocast=lambda: autocast_context(host.precision, host.device),
-            max_positions=host.max_positions,
         )
         self.callbacks: dict[int, TokenCallback] = {}
         self.inbox: queue.SimpleQueue[tuple[str, Any]] = queue.SimpleQueue()
@@ -95,7 +94,7 @@ class Worker:
     def _run(self) -> None:
         while not self.stopping:
             self._take_inbox()
-            self.running, self.queued = self.batcher.running, self.batcher.queued
+            self._publish_counts()
             if not self.batcher.busy:
                 self.wake.wait(timeout=1.0)
                 self.wake.clear()
@@ -106,8 +105,7 @@ class Worker:
                 log.exception("generation step failed")
                 self._fail_all(f"generation failed: {type(exc).__name__}: {exc}")
                 continue
-            with self.counting:
-                self.running, self.queued = self.batcher.running, self.batcher.queued
+            self._publish_counts()
             for step in made:
                 callback = self.callbacks.get(step.sequence.id)
                 if step.finish_reason is not None:
@@ -115,6 +113,13 @@ class Worker:
                 if callback is not None:
                     deliver(callback, step)
             self._drop_unused()
+
+    def _publish_counts(self, taken: int = 0) -> None:
+        """What request handlers read (`running`, `waiting`), from the batcher, under the lock submit
+        takes; `taken` sequences moved from the inbox into the batcher."""
+        with self.counting:
+            self.running, self.queued = self.batcher.running, self.batcher.queued
+            self.incoming -= taken
 
     def retire_adapter(self, name: str) -> None:
         """On the model's thread: stop serving `name`; its weights go once no sequence uses them."""
@@ -142,9 +147,7 @@ class Worker:
                 for sequence in sequences:
                     self.callbacks[sequence.id] = callback
                     self.batcher.add(sequence)
-                with self.counting:
-                    self.queued = self.batcher.queued
-                    self.incoming -= len(sequences)
+                self._publish_counts(taken=len(sequences))
             elif kind == "cancel":
                 for sequence in item:
                     self.callbacks.pop(sequence.id, None)

@@ -26,8 +26,8 @@ def write(tmp_path, text: str) -> Path:
 
 
 def test_every_shipped_config_loads():
-    configs = sorted((REPO / "configs").glob("*.yaml"))
-    assert configs, "configs/ should hold example configs"
+    configs = sorted((REPO / "configs").glob("*.yaml")) + sorted((REPO / "configs" / "recipes").glob("*.yaml"))
+    assert len(configs) > 8, "configs/ and configs/recipes/ should hold example configs"
     for path in configs:
         assert isinstance(load_config(path), RunConfig)
 

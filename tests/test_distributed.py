@@ -208,6 +208,8 @@ def test_what_fsdp_and_zero3_do_not_run_yet_is_refused_by_name(tiny_model_dir):
         ("train", "method", "full", "train.method: full"),
         ("lora", "init", "pissa", "lora.init: pissa"),
         ("model", "quantization", "4bit", "model.quantization: 4bit"),
+        ("data", "self_distill", True, "data.self_distill"),
+        ("data", "replay_share", 0.2, "data.replay_share"),
     ):
         config = {**base, section: {**base.get(section, {}), key: value}}
         with pytest.raises(UsageError, match=named):

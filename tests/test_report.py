@@ -11,11 +11,18 @@ from conftest import write_jsonl
 from test_cli import invoke, make_corpus, write_config
 
 from lorafit.compute.perplexity import LossResult
-from lorafit.evaluation.report import ModelEvaluation, build_report, read_curves, render_html, render_markdown
+from lorafit.evaluation.pages import render_html, render_markdown
+from lorafit.evaluation.report import ModelEvaluation, build_report, read_curves
 
 TASKS = [
     {"instruction": f"What does Python {topic} note {j} define?", "output": f"def f{j}(x): return x + {j}."}
     for j, topic in enumerate(["lists", "sets", "closures", "classes"])
+]
+
+# A second test set in another register: each eval.tasks file gets its own row ("transfer").
+EXPLAINED = [
+    {"instruction": f"Why would I use Python {topic}?", "output": f"Because {topic} keep related values together."}
+    for topic in ["lists", "sets", "dicts"]
 ]
 
 
@@ -35,9 +42,10 @@ def two_runs(tmp_path_factory, tiny_model_dir):
     """Two adapters of the tiny model: different learning rates, so they differ measurably."""
     root = tmp_path_factory.mktemp("runs")
     tasks = write_jsonl(root / "tasks.jsonl", TASKS)
-    slow = train_run(root, tiny_model_dir, "slow", "train.lr=1e-3", f"eval.tasks=[{tasks}]")
+    explained = write_jsonl(root / "explained.jsonl", EXPLAINED)
+    slow = train_run(root, tiny_model_dir, "slow", "train.lr=1e-3", f"eval.tasks=[{tasks}, {explained}]")
     fast = train_run(root, tiny_model_dir, "fast", "train.lr=2e-2", "train.max_steps=10")
-    return {"slow": slow, "fast": fast, "tasks": tasks}
+    return {"slow": slow, "fast": fast, "tasks": tasks, "explained": explained}
 
 
 def test_train_writes_the_report_by_default(two_runs):
@@ -56,6 +64,21 @@ def test_train_writes_the_report_by_default(two_runs):
     for model, side in ((base, "base"), (adapter, "adapter")):
         for key in ("rouge_l", "token_f1", "exact_match"):
             assert model["tasks"][key] == pytest.approx(summary["tasks"][side][key])
+    # Each eval.tasks file scored on its own as well: the first is the run's own test set.
+    own, other = str(two_runs["tasks"]), str(two_runs["explained"])
+    assert [s["name"] for s in report["data"]["tasks"]["sets"]] == [own, other]
+    assert report["data"]["tasks"]["records"] == len(TASKS) + len(EXPLAINED)
+    for model, side in ((base, "base"), (adapter, "adapter")):
+        assert model["tasks"]["count"] == len(TASKS) + len(EXPLAINED)
+        assert model["task_sets"][own]["count"] == len(TASKS) and model["task_sets"][other]["count"] == len(EXPLAINED)
+        assert model["task_sets"] == summary["task_sets"][side]
+    assert adapter["task_sets_change"][other]["rouge_l"] == pytest.approx(
+        adapter["task_sets"][other]["rouge_l"] - base["task_sets"][other]["rouge_l"]
+    )
+    assert report["transfer"]["own"] == own and report["transfer"]["others"] == [other]
+    assert summary["transfer"]["own"] == own and summary["transfer"]["others"] == [other]
+    tasks_json = json.loads((run / "tasks.json").read_text())
+    assert tasks_json["sets"]["adapter"] == adapter["task_sets"]
     assert adapter["cost"]["trainable_parameters"] == summary["trainable_parameters"]["trainable"]
     assert adapter["cost"]["train_tokens"] == summary["train_tokens"] > 0
     steps = [step for step, _ in adapter["curves"]["train"]]
@@ -63,6 +86,7 @@ def test_train_writes_the_report_by_default(two_runs):
     assert [step for step, _ in adapter["curves"]["valid"]][0] == 0  # the base model's validation
     markdown = (run / "report.md").read_text()
     assert "| domain perplexity |" in markdown and "| base | adapter |" in markdown
+    assert "## Transfer" in markdown and f"| {other} (transfer): ROUGE-L |" in markdown
     page = (run / "report.html").read_text()
     assert page.count("data:image/png;base64,") == 4  # loss curves, two perplexity bars, forgetting
     assert "src='http" not in page and 'src="http' not in page  # self-contained
@@ -150,6 +174,9 @@ def test_eval_names_bad_input(two_runs, tmp_path):
     bad_tasks = write_jsonl(tmp_path / "bad.jsonl", [{"text": "plain text, no answers"}])
     result = invoke("eval", "--adapter", str(two_runs["slow"]), "--tasks", str(bad_tasks), "--out", "x")
     assert result.exit_code == 2 and "bad.jsonl" in result.output
+    tasks = str(two_runs["tasks"])
+    repeated = invoke("eval", "--adapter", str(two_runs["slow"]), "--tasks", tasks, "--tasks", tasks, "--out", "x")
+    assert repeated.exit_code == 2 and "twice" in repeated.output and "--tasks" in repeated.output
 
 
 def _evaluation(name, kind, domain_nll, general_nll, **extra) -> ModelEvaluation:
@@ -175,6 +202,35 @@ def test_report_rows_changes_and_escaping():
     assert "| law\\|v2 |" in render_markdown(report)
     with pytest.raises(ValueError):
         build_report([tuned], {}, {}, [])
+
+
+def test_transfer_warns_when_the_own_test_set_gains_and_another_loses():
+    sets = {"name": "docstrings.jsonl", "records": 4}, {"name": "faq.jsonl", "records": 2}
+    data = {"domain": None, "tasks": {"files": [s["name"] for s in sets], "records": 6, "sets": list(sets)}}
+
+    def model(name, kind, own, faq):
+        return _evaluation(
+            name, kind, 2.0, 3.0, tasks={"rouge_l": 0.2}, task_sets={"docstrings.jsonl": own, "faq.jsonl": faq}
+        )
+
+    base = model("base", "base", {"rouge_l": 0.14, "token_f1": 0.13}, {"rouge_l": 0.16, "token_f1": 0.21})
+    copier = model("copier", "lora", {"rouge_l": 0.23, "token_f1": 0.22}, {"rouge_l": 0.12, "token_f1": 0.11})
+    learner = model("learner", "lora", {"rouge_l": 0.20, "token_f1": 0.19}, {"rouge_l": 0.18, "token_f1": 0.22})
+    report = build_report([base, copier, learner], {"name": "tiny"}, data, [])
+    transfer = report["transfer"]
+    assert transfer["own"] == "docstrings.jsonl" and transfer["others"] == ["faq.jsonl"]
+    # Only the adapter that gains on its own set and loses on the other is warned about.
+    assert len(transfer["warnings"]) == 1 and transfer["warnings"][0].startswith("copier beats the base")
+    assert "faq.jsonl: ROUGE-L -0.040" in transfer["warnings"][0]
+    assert report["models"][2]["task_sets_change"]["faq.jsonl"]["token_f1"] == pytest.approx(0.01)
+    markdown = render_markdown(report)
+    assert "**Warning:** copier beats the base" in markdown
+    assert "| faq.jsonl (transfer): token F1 | 0.2100 | 0.1100 (-0.1000) | 0.2200 (+0.0100) |" in markdown
+    assert "learner: transfer (task sets it was not trained in the style of): faq.jsonl ROUGE-L +0.020" in markdown
+    assert 'id="transfer"' in render_html(report, {})
+    # One task set: nothing to transfer to.
+    data_one = {"domain": None, "tasks": {"files": ["a"], "records": 1, "sets": [{"name": "a", "records": 1}]}}
+    assert build_report([base, copier], {}, data_one, [])["transfer"] is None
 
 
 def test_curves_survive_a_cut_last_line(tmp_path):
@@ -229,4 +285,5 @@ def test_html_report_renders_in_chromium(two_runs, tmp_path):
     assert all(img["done"] and img["w"] > 200 and img["h"] > 150 for img in check["images"])
     tables = {t["id"]: t for t in check["tables"]}
     assert tables["quality"]["rows"] >= 4 and tables["cost"]["rows"] == 7
+    assert tables["transfer"]["rows"] >= 4  # two task sets x (ROUGE-L, token F1)
     assert all(t["height"] > 50 and t["empty"] == 0 for t in tables.values())

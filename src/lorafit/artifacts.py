@@ -131,6 +131,8 @@ class RunSummary:
     saved_bytes: int | None = None
     generations: list[dict] = field(default_factory=list)
     tasks: dict | None = None  # task metrics by side: {"base": {...}, "adapter": {...}}
+    task_sets: dict | None = None  # the same per eval.tasks file: {"base": {file: {...}}, "adapter": {...}}
+    transfer: dict | None = None  # with 2+ eval.tasks files: {"own", "others", "warnings"} (report.json's)
     peak_rss_mb: float | None = None
     wall_seconds: float | None = None
     extra: dict = field(default_factory=dict, repr=False)
@@ -140,6 +142,8 @@ class RunSummary:
         "general_ppl_after",
         "general_ppl_change_percent",
         "tasks",
+        "task_sets",
+        "transfer",
         "overflow_steps",
         "processes",
     )

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import difflib
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -38,6 +38,10 @@ def is_module_pattern(targets: list[str] | str) -> bool:
     """True for a lora.target_modules regular expression (matched against full module names)."""
     return isinstance(targets, str) and targets != "all-linear" and bool(_REGEX_CHARS & set(targets))
 
+
+# data.replay_share: 'auto' for instruction data (with self-distillation, the recipe of
+# bench/domain_gain.py that gained on both test sets).
+AUTO_REPLAY_SHARE = 0.2
 
 LORA_INITS = ("default", "gaussian", "pissa", "olora", "loftq", "eva")
 
@@ -70,6 +74,16 @@ class ModelSection(Section):
 
 
 class DataSection(Section):
+    def replay_share_for(self, instruction_data: bool) -> float:
+        """data.replay_share as it applies: 'auto' is AUTO_REPLAY_SHARE for instruction data."""
+        if self.replay_share == "auto":
+            return AUTO_REPLAY_SHARE if instruction_data else 0.0
+        return self.replay_share
+
+    def self_distills(self, instruction_data: bool) -> bool:
+        """data.self_distill as it applies: 'auto' is on for instruction data."""
+        return self.self_distill is True or (self.self_distill == "auto" and instruction_data)
+
     train: list[str] = Field(
         default_factory=list,
         description="Training data: prepared JSONL files/folders, or raw documents "
@@ -114,6 +128,30 @@ class DataSection(Section):
         description="With both text and instruction data: share of training blocks drawn from instructions "
         "(0 = their natural share).",
     )
+
+    self_distill: bool | Literal["auto"] = Field(
+        "auto",
+        description="Self-distillation: before training, the base model answers each training question itself, "
+        "shown the reference answer, and the adapter learns that answer (facts in the model's own register); "
+        "unusable rewrites keep the reference. Cached under $LORAFIT_HOME/base-answers. 'auto' = on for "
+        "instruction data (with replay, the recipe of bench/domain_gain.py that transfers), false = train on the "
+        "references.",
+    )
+    distill_max_new_tokens: int = Field(
+        256, ge=1, description="Longest self-distilled answer in tokens (a longer one keeps the reference)."
+    )
+    replay_share: Annotated[float, Field(ge=0.0, lt=1.0)] | Literal["auto"] = Field(
+        "auto",
+        description="Share of training blocks holding the base model's own answers to general prompts "
+        "(data.replay_prompts), generated once and cached: keeps its register on what the domain data never asks. "
+        f"'auto' = {AUTO_REPLAY_SHARE} for instruction data, 0 for text; 0 = off.",
+    )
+    replay_prompts: str = Field(
+        "builtin",
+        description="Prompts for data.replay_share: 'builtin' (120 general questions shipped with lorafit), or a "
+        "JSONL file of records with 'instruction' (or 'prompt'), or a .txt file with one prompt per line.",
+    )
+    replay_max_new_tokens: int = Field(256, ge=1, description="Longest replayed answer in tokens.")
 
     @field_validator("train", "valid", "exclude", mode="before")
     @classmethod
@@ -176,6 +214,11 @@ class LoraSection(Section):
     )
     bias: Literal["none", "all", "lora_only"] = Field(
         "none", description="Biases trained: none, all, or those of adapted layers."
+    )
+    init_from: str = Field(
+        "",
+        description="A trained adapter (run folder or PEFT adapter folder) whose weights start this run's LoRA: "
+        "instruction tuning after continued pretraining, or more training of an adapter. Same r, targets and base.",
     )
     plus_ratio: float = Field(
         0.0,
@@ -244,6 +287,21 @@ class TrainSection(Section):
     spike_factor: float = Field(
         2.5, ge=0.0, description="Warn when a step's loss exceeds this x the running median (0 = off)."
     )
+    neftune_alpha: float = Field(
+        0.0,
+        ge=0.0,
+        description="NEFTune: uniform noise of scale alpha / sqrt(tokens x width) on the input embeddings while "
+        "training (0 = off; the paper uses 5).",
+    )
+    early_stopping_metric: Literal["valid_loss", "rouge_l", "token_f1", "exact_match", "bleu", "mc_accuracy"] = Field(
+        "valid_loss",
+        description="What chooses the best weights (kept at the end) and early stopping, every train.eval_every "
+        "steps: the validation loss, or a task metric on eval.tasks (the mean over its files, each scored on its "
+        "first train.early_stopping_examples records).",
+    )
+    early_stopping_examples: int = Field(
+        32, ge=1, description="Records of each eval.tasks file scored at every check of a task early-stopping metric."
+    )
 
 
 class EvalSection(Section):
@@ -255,7 +313,8 @@ class EvalSection(Section):
     tasks: list[str] = Field(
         default_factory=list,
         description="Instruction/QA test files (alpaca, chat or ShareGPT JSONL) scored after training, base vs "
-        "adapter: exact match, token F1, ROUGE-L, BLEU, and multiple-choice accuracy for records with choices.",
+        "adapter: exact match, token F1, ROUGE-L, BLEU, and multiple-choice accuracy for records with choices; "
+        "each file also on its own: the first is the training set's own test set, the others transfer sets.",
     )
     general: list[str] = Field(
         default_factory=lambda: ["builtin"],
@@ -266,7 +325,9 @@ class EvalSection(Section):
         True, description="Write report.json, report.md and report.html (plots included) into the run folder."
     )
     task_max_new_tokens: int = Field(128, ge=1, description="Tokens generated per task answer (greedy).")
-    task_max_examples: int = Field(0, ge=0, description="Score only the first N task records (0 = all).")
+    task_max_examples: int = Field(
+        0, ge=0, description="Score only the first N task records of each eval.tasks file (0 = all)."
+    )
     batch_size: int = Field(
         32,
         ge=1,
@@ -310,6 +371,16 @@ class RunConfig(Section):
                 )
             if lora.plus_ratio:
                 raise ValueError("lora.plus_ratio (LoRA+) applies to LoRA's B matrices; train.method is full")
+        if self.train.early_stopping_metric != "valid_loss" and not self.eval.tasks:
+            raise ValueError(
+                f"train.early_stopping_metric: {self.train.early_stopping_metric} is measured on eval.tasks, which is "
+                "empty; name the test files in eval.tasks or use valid_loss"
+            )
+        if lora.init_from and (self.train.method == "full" or lora.init != "default"):
+            raise ValueError(
+                "lora.init_from starts the LoRA from a trained adapter; it needs train.method: lora and "
+                f"lora.init: default (now {self.train.method}, {lora.init})"
+            )
         if lora.use_dora and lora.init == "eva":
             raise ValueError("lora.use_dora with lora.init: eva is not supported by PEFT; drop one of them")
         return self

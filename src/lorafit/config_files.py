@@ -119,7 +119,7 @@ def resolve_data_paths(config: RunConfig, base_dir: Path) -> RunConfig:
     def resolve(entries: list[str]) -> list[str]:
         out = []
         for entry in entries:
-            if entry == "builtin":  # eval.general's shipped sample, not a path
+            if entry == "builtin":  # eval.general's / data.replay_prompts' shipped sample, not a path
                 out.append(entry)
                 continue
             path = Path(entry).expanduser()
@@ -133,15 +133,19 @@ def resolve_data_paths(config: RunConfig, base_dir: Path) -> RunConfig:
             "train": resolve(config.data.train),
             "valid": resolve(config.data.valid),
             "exclude": resolve(config.data.exclude),
+            "replay_prompts": resolve([config.data.replay_prompts])[0],  # 'builtin' kept as it is
         }
     )
     template = config.data.chat_template
     if template.endswith(".jinja") and not Path(template).expanduser().is_absolute():
         data = data.model_copy(update={"chat_template": resolve([template])[0]})
+    lora = config.lora
+    if lora.init_from:
+        lora = lora.model_copy(update={"init_from": resolve([lora.init_from])[0]})
     evaluation = config.eval.model_copy(
         update={"tasks": resolve(config.eval.tasks), "general": resolve(config.eval.general)}
     )
-    return config.model_copy(update={"data": data, "eval": evaluation})
+    return config.model_copy(update={"data": data, "lora": lora, "eval": evaluation})
 
 
 def load_config(path: str | Path, overrides: list[str] | dict[str, Any] | None = None) -> RunConfig:

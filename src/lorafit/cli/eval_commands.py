@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
+from rich.markup import escape
 from rich.table import Table
 
 from lorafit.cli.app import _fail, console
@@ -39,7 +40,12 @@ def evaluate_models(
     ] = None,
     no_general: Annotated[bool, typer.Option("--no-general", help="Skip the forgetting measurement.")] = False,
     tasks: Annotated[
-        list[Path] | None, typer.Option(help="Instruction/QA test files for task metrics (repeatable).")
+        list[Path] | None,
+        typer.Option(
+            help="Instruction/QA test files for task metrics (repeatable); each also gets its own rows, the first as "
+            "the adapters' own test set, the others as transfer sets (a warning when an adapter gains on the first "
+            "and loses on another)."
+        ),
     ] = None,
     prompts: Annotated[
         Path | None, typer.Option(help="Text file, one generation prompt per line. Default: sampled from --tasks.")
@@ -56,9 +62,9 @@ def evaluate_models(
     max_blocks: Annotated[int, typer.Option(help="Score only the first N blocks of each text (0 = all).")] = (
         default_of("options.max_blocks")
     ),
-    task_max_examples: Annotated[int, typer.Option(help="Score only the first N task records (0 = all).")] = (
-        default_of("eval.task_max_examples")
-    ),
+    task_max_examples: Annotated[
+        int, typer.Option(help="Score only the first N task records of each --tasks file (0 = all).")
+    ] = (default_of("eval.task_max_examples")),
     max_new_tokens: Annotated[int, typer.Option(help="Tokens generated per side-by-side prompt.")] = default_of(
         "eval.max_new_tokens"
     ),
@@ -121,10 +127,13 @@ def read_prompt_lines(path: Path) -> list[str]:
 
 def print_report(report: dict) -> None:
     """The report's tables in the terminal (the same rows as report.md)."""
-    from lorafit.evaluation.report import cost_rows, headline, quality_rows
+    from lorafit.evaluation.pages import cost_rows, headline, quality_rows, transfer_rows
 
     names = [m["name"] for m in report["models"]]
-    for title, rows in (("quality", quality_rows(report)), ("cost", cost_rows(report))):
+    tables = (("quality", quality_rows(report)), ("transfer", transfer_rows(report)), ("cost", cost_rows(report)))
+    for title, rows in tables:
+        if not rows:
+            continue
         table = Table(title=title, show_header=True)
         table.add_column("")
         for name in names:
@@ -134,3 +143,5 @@ def print_report(report: dict) -> None:
         console.print(table)
     for line in headline(report):
         console.print(line, highlight=False)
+    for warning in (report.get("transfer") or {}).get("warnings", []):
+        console.print(f"[yellow]warning:[/] {escape(warning)}", highlight=False)

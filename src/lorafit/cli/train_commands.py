@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
+from rich.markup import escape
 from rich.table import Table
 
 from lorafit.cli.app import _fail, console
@@ -104,6 +105,14 @@ def print_run_summary(summary: dict, out_dir: Path) -> None:
     )
     if summary.get("tasks"):
         console.print(task_metrics_table(summary["tasks"]))
+    transfer = summary.get("transfer")
+    if transfer:
+        for name in [transfer["own"], *transfer["others"]]:
+            role = "own test set" if name == transfer["own"] else "transfer"
+            sides = {side: summary["task_sets"][side].get(name, {}) for side in ("base", "adapter")}
+            console.print(task_metrics_table(sides, f"{name} ({role})"))
+        for warning in transfer["warnings"]:
+            console.print(f"[yellow]warning:[/] {escape(warning)}", highlight=False)
     if summary.get("generations"):
         side = Table(title="generations (greedy)", show_header=True, show_lines=True)
         side.add_column("prompt", ratio=1)
@@ -120,8 +129,8 @@ def print_run_summary(summary: dict, out_dir: Path) -> None:
         console.print(f"report: {out_dir / 'report.html'} (and report.md, report.json)")
 
 
-def task_metrics_table(metrics: dict) -> Table:
-    table = Table(title="task metrics", show_header=True)
+def task_metrics_table(metrics: dict, title: str = "task metrics") -> Table:
+    table = Table(title=title, show_header=True)
     table.add_column("metric")
     table.add_column("base", justify="right")
     table.add_column("adapter", justify="right")

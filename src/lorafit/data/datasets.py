@@ -283,6 +283,28 @@ def pack_run_documents(
     return RunBlocks(train=train, valid=valid, stats=stats, sources=sources)
 
 
+def mix_conversations(
+    blocks: RunBlocks,
+    conversations: list[Conversation],
+    tokenizer,
+    seq_len: int,
+    template: ChatTemplate,
+    share: float,
+    problems: Problems,
+) -> tuple[RunBlocks, int]:
+    """`blocks` with `conversations` packed and mixed into training as `share` of its blocks
+    (drawn in a seeded order, cycling when more are wanted); (blocks, blocks added)."""
+    packed, examples = _pack_conversations(conversations, tokenizer, seq_len, template, "all", problems)
+    if packed is None or not share:
+        return blocks, 0
+    wanted = max(1, round(share / (1.0 - share) * len(blocks.train)))
+    mixed = resample_blocks(packed, wanted)
+    mixed.members = [[m + len(blocks.sources) for m in block] for block in mixed.members]
+    train = concatenate_blocks(blocks.train, mixed)
+    stats = {**blocks.stats, "train_blocks": len(train)}
+    return RunBlocks(train=train, valid=blocks.valid, stats=stats, sources=blocks.sources + examples.sources), wanted
+
+
 def _join(text: PackedBlocks | None, instructions: PackedBlocks | None) -> PackedBlocks | None:
     if text is None or len(text) == 0:
         return instructions

@@ -21,7 +21,7 @@ from lorafit.data.chat_template import ChatTemplate, end_of_turn_ids, render_pro
 from lorafit.data.formats import Conversation
 from lorafit.data.pack import PackedBlocks
 from lorafit.evaluation.report import ModelEvaluation, blocks_info, build_report, general_files
-from lorafit.evaluation.tasks import score_model
+from lorafit.evaluation.tasks import TaskSet, flat_records, score_model
 
 PROMPTS_SHOWN = 3  # generations side by side when no prompts are given
 
@@ -34,7 +34,7 @@ class EvalInputs:
     template: ChatTemplate | None
     domain: PackedBlocks
     general: PackedBlocks | None
-    records: list[Conversation]
+    task_sets: list[TaskSet]  # each eval.tasks entry's records: scored together and as a row each
     shown_prompts: list[str]  # as the reader sees them (the question)
     fed_prompts: list[str]  # as the model gets them (rendered through the chat template)
     device: torch.device
@@ -44,6 +44,10 @@ class EvalInputs:
     loss_batch_size: int | None = None  # a training run measures in its micro-batches
     max_new_tokens: int = 48
     task_max_new_tokens: int = 128
+
+    @property
+    def records(self) -> list[Conversation]:
+        return flat_records(self.task_sets)
 
     @property
     def loss_batch(self) -> int:
@@ -71,6 +75,7 @@ class MeasuredModel:
             domain=domain,
             general=general,
             tasks=(outputs.get("tasks") or {}).get("metrics", {}),
+            task_sets=(outputs.get("tasks") or {}).get("sets", {}),
             generations=outputs.get("generations", []),
             cost=cost,
         )
@@ -93,17 +98,16 @@ def model_outputs(model, inputs: EvalInputs) -> dict:
             )
         }
         if inputs.records and inputs.template is not None:
-            metrics, answers, picks = score_model(
+            outputs["tasks"] = score_model(
                 model,
                 inputs.tokenizer,
                 inputs.template,
-                inputs.records,
+                inputs.task_sets,
                 inputs.task_max_new_tokens,
                 inputs.generate_batch_size,
                 inputs.device,
                 inputs.autocast,
-            )
-            outputs["tasks"] = {"metrics": metrics, "answers": answers, "picks": picks}
+            ).to_json()
     return outputs
 
 
@@ -201,13 +205,22 @@ def task_answer_rows(records: list[Conversation], sides: dict[str, dict | None])
     return rows
 
 
+def task_data(task_sets: list[TaskSet]) -> dict:
+    """report.json's data.tasks: every file, the records scored, and each set (the first one the
+    training set's own test set, the others transfer sets)."""
+    return {
+        "files": [task_set.name for task_set in task_sets],
+        "records": sum(len(task_set.records) for task_set in task_sets),
+        "sets": [{"name": task_set.name, "records": len(task_set.records)} for task_set in task_sets],
+    }
+
+
 def evaluation_report(
     measured: list[MeasuredModel],
     inputs: EvalInputs,
     base_model: dict,
     domain_files: list[str],
     general_paths: list[str],
-    task_files: list[str],
     seq_len: int,
 ) -> dict:
     """report.json of `measured` (the base first) on `inputs`."""
@@ -217,7 +230,7 @@ def evaluation_report(
         data={
             "domain": blocks_info(inputs.domain, domain_files, seq_len),
             "general": blocks_info(inputs.general, general_files(general_paths), seq_len),
-            "tasks": {"files": list(task_files), "records": len(inputs.records)} if inputs.records else None,
+            "tasks": task_data(inputs.task_sets) if inputs.task_sets else None,
         },
         prompts=inputs.shown_prompts,
     )

@@ -9,6 +9,14 @@ import string
 
 _ARTICLES = re.compile(r"\b(a|an|the)\b")
 _PUNCTUATION = str.maketrans("", "", string.punctuation)
+# Task metrics as the report names them.
+TASK_METRICS = {
+    "exact_match": "exact match",
+    "token_f1": "token F1",
+    "rouge_l": "ROUGE-L",
+    "bleu": "BLEU",
+    "mc_accuracy": "multiple-choice accuracy",
+}
 
 
 def normalize_answer(text: str) -> str:

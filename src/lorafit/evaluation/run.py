@@ -47,7 +47,7 @@ from lorafit.evaluation.core import (
     task_answer_rows,
 )
 from lorafit.evaluation.report import read_curves, training_cost, write_report
-from lorafit.evaluation.tasks import load_task_set
+from lorafit.evaluation.tasks import flat_records, load_task_sets
 from lorafit.io import write_json_atomic
 from lorafit.model.attention import use_block_causal_attention
 from lorafit.model.device import autocast_context, compute_dtype, default_device, resolve_precision
@@ -180,7 +180,6 @@ def _evaluate(request: EvalRequest, out: Path, console: Console) -> EvalResult:
         base_model={"name": ref.name, "path": ref.path, "weights_fingerprint": fingerprint},
         domain_files=domain_files,
         general_paths=request.general,
-        task_files=request.tasks,
         seq_len=seq_len,
     )
     report["settings"] = {
@@ -197,6 +196,7 @@ def _evaluate(request: EvalRequest, out: Path, console: Console) -> EvalResult:
         sides = {m.evaluation.name: m.outputs for m in measured}
         answers = {
             "metrics": {m.evaluation.name: m.evaluation.tasks for m in measured},
+            "sets": {m.evaluation.name: m.evaluation.task_sets for m in measured},
             "answers": task_answer_rows(inputs.records, sides),
             "skipped": problems.records(),
         }
@@ -221,7 +221,8 @@ def _eval_inputs(
         if request.general
         else None
     )
-    records = load_task_set(request.tasks, data, problems, request.task_max_examples, "--tasks")
+    task_sets = load_task_sets(request.tasks, data, problems, request.task_max_examples, "--tasks")
+    records = flat_records(task_sets)
     trained_on_instructions = any((m.record.data or {}).get("instructions") for m in trained)
     instruction_run = bool(config and (config.eval.tasks or trained_on_instructions))
     shown, fed = _prompts(request, records, domain, tokenizer, template, chat=bool(records) or instruction_run)
@@ -230,7 +231,7 @@ def _eval_inputs(
         template=template,
         domain=domain,
         general=general,
-        records=records,
+        task_sets=task_sets,
         shown_prompts=shown,
         fed_prompts=fed,
         device=default_device(),

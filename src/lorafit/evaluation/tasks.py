@@ -9,6 +9,7 @@ most likely choice counts as the model's pick (multiple-choice accuracy).
 from __future__ import annotations
 
 from contextlib import nullcontext
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -41,19 +42,35 @@ def load_task_records(paths: list[str], data: DataSection, problems: Problems) -
     return records
 
 
-def load_task_set(
+@dataclass
+class TaskSet:
+    """The records of one eval.tasks / --tasks entry (a file, or a folder's files): scored as a row of
+    its own, so a gain on the training set's own test set and a loss on another show apart."""
+
+    name: str  # the entry as given
+    records: list[Conversation]
+
+
+def load_task_sets(
     paths: list[str], data: DataSection, problems: Problems, max_examples: int = 0, setting: str = "eval.tasks"
-) -> list[Conversation]:
-    """The task records of `paths` (none without paths), the first `max_examples` of them (0: all);
-    files that hold no usable record are refused, naming `setting`."""
-    if not paths:
-        return []
-    records = load_task_records(paths, data, problems)
-    if max_examples:
-        records = records[:max_examples]
-    if not records:
-        raise DataError(f"No usable task records in {', '.join(paths)}; check {setting}.")
-    return records
+) -> list[TaskSet]:
+    """One TaskSet per entry of `paths` (none without paths), each cut to its first `max_examples`
+    records (0: all); an entry that holds no usable record is refused, naming `setting`."""
+    sets = []
+    for path in paths:
+        if any(task_set.name == path for task_set in sets):
+            raise DataError(f"{setting} names {path} twice; name each test set once.")
+        records = load_task_records([path], data, problems)
+        if max_examples:
+            records = records[:max_examples]
+        if not records:
+            raise DataError(f"No usable task records in {path}; check {setting}.")
+        sets.append(TaskSet(path, records))
+    return sets
+
+
+def flat_records(task_sets: list[TaskSet]) -> list[Conversation]:
+    return [record for task_set in task_sets for record in task_set.records]
 
 
 @torch.no_grad()
@@ -82,17 +99,45 @@ def choice_log_likelihoods(
     return scores
 
 
+@dataclass
+class TaskScores:
+    """One model's task results: pooled metrics, metrics per task set, the answers to the open
+    records and the picks of the multiple-choice ones (each in record order)."""
+
+    metrics: dict
+    sets: dict[str, dict]
+    answers: list[str]
+    picks: list[int]
+
+    def to_json(self) -> dict:
+        return {"metrics": self.metrics, "sets": self.sets, "answers": self.answers, "picks": self.picks}
+
+
+def records_metrics(records: list[Conversation], results: list[str | int]) -> dict:
+    """Metrics of `records` from each one's result: the answer (open records) or the picked choice."""
+    open_pairs = [(r, a) for r, a in zip(records, results) if r.choices is None]
+    mc_pairs = [(r, p) for r, p in zip(records, results) if r.choices is not None]
+    metrics: dict = {}
+    if open_pairs:
+        metrics.update(answer_metrics([a for _, a in open_pairs], [r.messages[-1]["content"] for r, _ in open_pairs]))
+    if mc_pairs:
+        metrics["mc_accuracy"] = sum(p == r.answer for r, p in mc_pairs) / len(mc_pairs)
+        metrics["mc_count"] = len(mc_pairs)
+    return metrics
+
+
 def score_model(
     model,
     tokenizer,
     template: ChatTemplate,
-    records: list[Conversation],
+    task_sets: list[TaskSet],
     max_new_tokens: int,
     batch_size: int,
     device: torch.device,
     autocast=nullcontext,
-) -> tuple[dict, list[str], list[int]]:
-    """(metrics, generated answers for open records, picked choice for multiple-choice records)."""
+) -> TaskScores:
+    """Every record of every set answered (open records, batched) or scored by choice likelihood."""
+    records = flat_records(task_sets)
     open_records = [r for r in records if r.choices is None]
     mc_records = [r for r in records if r.choices is not None]
     prompts = [render_prompt(tokenizer, template, r.messages) for r in open_records]
@@ -103,10 +148,11 @@ def score_model(
         prompt = render_prompt(tokenizer, template, record.messages)
         scores = choice_log_likelihoods(model, tokenizer, prompt, record.choices, device, autocast)
         picks.append(max(range(len(scores)), key=scores.__getitem__))
-    metrics: dict = {}
-    if open_records:
-        metrics.update(answer_metrics(answers, [r.messages[-1]["content"] for r in open_records]))
-    if mc_records:
-        metrics["mc_accuracy"] = sum(p == r.answer for p, r in zip(picks, mc_records)) / len(mc_records)
-        metrics["mc_count"] = len(mc_records)
-    return metrics, answers, picks
+    open_results, mc_results = iter(answers), iter(picks)
+    results = [next(open_results) if r.choices is None else next(mc_results) for r in records]
+    sets, start = {}, 0
+    for task_set in task_sets:
+        end = start + len(task_set.records)
+        sets[task_set.name] = records_metrics(task_set.records, results[start:end])
+        start = end
+    return TaskScores(records_metrics(records, results), sets, answers, picks)

@@ -7,6 +7,7 @@ import re
 from collections import defaultdict
 from collections.abc import Iterable
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -126,6 +127,39 @@ def apply_lora(
             if hasattr(module, "cast_input_dtype_enabled"):
                 module.cast_input_dtype_enabled = False
     return peft_model
+
+
+def start_from_adapter(peft_model: torch.nn.Module, folder: str) -> None:
+    """Load a trained adapter's weights into the fresh LoRA of `peft_model` (lora.init_from: a
+    second stage after continued pretraining, or more training of an adapter). Its modules and
+    ranks must be this run's: a mismatch is refused with the difference named."""
+    from peft import set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    root = Path(folder).expanduser()
+    candidates = [root / "adapter_model.safetensors", root / "adapter" / "adapter_model.safetensors"]
+    weights_file = next((path for path in candidates if path.is_file()), None)
+    if weights_file is None:
+        raise ConfigError(
+            f"lora.init_from: {folder} holds no adapter_model.safetensors (nor adapter/ with one); "
+            "name a run folder or a PEFT adapter folder."
+        )
+    weights = load_file(str(weights_file))
+    own = {name for name, _ in peft_model.named_parameters() if "lora_" in name}
+    try:
+        result = set_peft_model_state_dict(peft_model, weights)
+    except RuntimeError as exc:  # a shape mismatch: another rank, or another base
+        first = next((line.strip() for line in str(exc).splitlines() if "size mismatch" in line), str(exc)[:200])
+        raise ConfigError(
+            f"lora.init_from: {weights_file} does not fit this run's LoRA ({first}); use its lora.r."
+        ) from None
+    missing = sorted(name for name in result.missing_keys if name in own)
+    if result.unexpected_keys or missing:
+        extra = (result.unexpected_keys or missing)[0]
+        raise ConfigError(
+            f"lora.init_from: {weights_file} and this run adapt different modules ({extra}); use its "
+            "lora.target_modules."
+        )
 
 
 def changes_base_weights(lora: LoraSection) -> bool:

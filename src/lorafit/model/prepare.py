@@ -13,7 +13,7 @@ from lorafit.model.attention import use_block_causal_attention, use_cuda_attenti
 from lorafit.model.device import compute_dtype
 from lorafit.model.dropout import use_int16_mask_dropout
 from lorafit.model.load import BaseModelRef, load_causal_lm
-from lorafit.model.lora import ParameterReport, apply_lora, parameter_report
+from lorafit.model.lora import ParameterReport, apply_lora, parameter_report, start_from_adapter
 from lorafit.model.quantize import bitsandbytes_config, prepare_quantized
 
 
@@ -54,6 +54,8 @@ def prepare_trainable_model(
             init_batches=init_batches() if config.lora.init == "eva" and init_batches else None,
             weights_path=ref.path,
         )
+        if config.lora.init_from:
+            start_from_adapter(model, config.lora.init_from)
         if device.type == "cpu":
             use_int16_mask_dropout(model)
     if config.train.gradient_checkpointing:

@@ -95,6 +95,11 @@ def refuse_under_partitioned_weights(config: RunConfig, engine: str) -> None:
         reasons.append(f"lora.init: {lora.init} (its set-up reads the whole base; use default or gaussian)")
     if config.model.quantization != "none":
         reasons.append(f"model.quantization: {config.model.quantization} (use ddp for a quantized base)")
+    data = config.data
+    if data.self_distill is True or data.replay_share_for(False) > 0:  # asked for by name ('auto' turns off)
+        reasons.append("data.self_distill / data.replay_share (the base model's answers: use ddp or deepspeed-zero2)")
+    if config.train.early_stopping_metric != "valid_loss":
+        reasons.append(f"train.early_stopping_metric: {config.train.early_stopping_metric} (use valid_loss)")
     if reasons:
         raise UsageError(f"Under {PARTITIONED_NAMES[engine]} this lorafit does not run {'; '.join(reasons)}.")
 

@@ -76,4 +76,3 @@ def shard_objective(objective: torch.nn.Module, device: torch.device) -> torch.n
         fully_shard(tail, **{**options, "reshard_after_forward": False})
     fully_shard(objective, **options)
     return objective
-

@@ -8,17 +8,36 @@ from dataclasses import dataclass
 
 import torch
 from rich.console import Console
+from rich.markup import escape
 
 from lorafit.artifacts import RunFolder
 from lorafit.compute.batches import BlockTensors
 from lorafit.config import RunConfig
 from lorafit.data.chat_template import ChatTemplate, resolve_chat_template
-from lorafit.data.datasets import RunBlocks, RunDocuments, load_eval_blocks, load_run_documents, pack_run_documents
+from lorafit.data.datasets import (
+    RunBlocks,
+    RunDocuments,
+    load_eval_blocks,
+    load_run_documents,
+    mix_conversations,
+    pack_run_documents,
+)
 from lorafit.data.documents import Problems, print_problems
+from lorafit.errors import DataError
 from lorafit.evaluation.core import EvalInputs, choose_prompts
-from lorafit.evaluation.tasks import load_task_set
-from lorafit.model.load import BaseModelRef, check_seq_len, load_model_config, load_tokenizer, resolve_base
+from lorafit.evaluation.tasks import load_task_sets
+from lorafit.model.load import (
+    BaseModelRef,
+    check_seq_len,
+    load_model_config,
+    load_tokenizer,
+    resolve_base,
+    weights_fingerprint,
+)
 from lorafit.model.quantize import check_quantization
+from lorafit.training.base_answers import BaseAnswerer
+from lorafit.training.replay import no_usable_replay, replay_conversations
+from lorafit.training.self_distill import self_distill
 
 
 @dataclass
@@ -62,7 +81,9 @@ def describe_data(stats: dict, formats: dict[str, str]) -> str:
     return "; ".join(parts)
 
 
-def prepare_run_inputs(config: RunConfig, folder: RunFolder, device: torch.device, console: Console) -> RunInputs:
+def prepare_run_inputs(
+    config: RunConfig, folder: RunFolder, device: torch.device, console: Console, precision: str = "fp32"
+) -> RunInputs:
     train, evaluation = config.train, config.eval
     check_quantization(config.model.quantization, device)  # before any work
     ref = resolve_base(config.model.base)
@@ -75,13 +96,21 @@ def prepare_run_inputs(config: RunConfig, folder: RunFolder, device: torch.devic
         if documents.instruction or documents.valid_conversations or evaluation.tasks
         else None
     )
+    answerer = base_answerer(config, documents, ref, tokenizer, template, precision, device, console)
+    if config.data.self_distills(documents.instruction):
+        _distill_answers(documents, answerer, config.data.distill_max_new_tokens, console)
     blocks = pack_run_documents(
         documents, tokenizer, train.seq_len, template, config.data.train_turns, config.data.instruct_share
     )
+    replay_share = config.data.replay_share_for(documents.instruction)
+    if replay_share:
+        blocks = _mix_in_replay(config, documents, blocks, answerer, (tokenizer, template), replay_share, console)
+    if answerer is not None:
+        answerer.release()
     print_problems(console, documents.problems.items, "summary.json")
 
     task_problems = Problems()
-    records = load_task_set(evaluation.tasks, config.data, task_problems, evaluation.task_max_examples)
+    task_sets = load_task_sets(evaluation.tasks, config.data, task_problems, evaluation.task_max_examples)
     print_problems(console, task_problems.items, "tasks.json")
     general = (
         load_eval_blocks(evaluation.general, config.data, tokenizer, train.seq_len, template)
@@ -101,7 +130,7 @@ def prepare_run_inputs(config: RunConfig, folder: RunFolder, device: torch.devic
             template=template,
             domain=blocks.valid,
             general=general.head(train.eval_max_blocks) if general is not None else None,
-            records=records,
+            task_sets=task_sets,
             shown_prompts=shown,
             fed_prompts=fed,
             device=device,
@@ -114,6 +143,74 @@ def prepare_run_inputs(config: RunConfig, folder: RunFolder, device: torch.devic
         eval_max_blocks=train.eval_max_blocks,
     )
     return inputs
+
+
+def _distill_answers(documents: RunDocuments, answerer: BaseAnswerer, max_new_tokens: int, console: Console) -> None:
+    """Self-distillation: the training answers replaced by the base model's (data.self_distill)."""
+    documents.train_conversations, distilled = self_distill(documents.train_conversations, answerer, max_new_tokens)
+    documents.stats["self_distill"] = distilled
+    console.print(
+        f"[bold]self-distillation[/] {distilled['rewritten']} of {len(documents.train_conversations)} answers "
+        f"rewritten by the base model; kept: " + ", ".join(f"{k} {v}" for k, v in distilled["kept"].items())
+    )
+
+
+def _mix_in_replay(
+    config: RunConfig,
+    documents: RunDocuments,
+    blocks: RunBlocks,
+    answerer: BaseAnswerer,
+    rendering: tuple,
+    share: float,
+    console: Console,
+) -> RunBlocks:
+    """Replay: `share` of the training blocks the base model's answers to general prompts
+    (data.replay_share); under 'auto', no usable answer means no replay, said so."""
+    data, (tokenizer, template) = config.data, rendering
+    replayed, stats = replay_conversations(answerer, data.replay_prompts, data.replay_max_new_tokens)
+    if not replayed:
+        if data.replay_share != "auto":
+            raise DataError(no_usable_replay(stats["prompts"]) + ", or set data.replay_share: 0.")
+        console.print(f"[yellow]replay skipped:[/] {escape(no_usable_replay(stats['prompts']))}.")
+        return blocks
+    blocks, added = mix_conversations(
+        blocks, replayed, tokenizer, config.train.seq_len, template, share, documents.problems
+    )
+    blocks.stats["replay"] = {**stats, "train_blocks": added}
+    console.print(
+        f"[bold]replay[/] {added} of {len(blocks.train)} training blocks hold the base model's answers to "
+        f"{stats['answers']} general prompts"
+    )
+    return blocks
+
+
+def base_answerer(
+    config: RunConfig, documents: RunDocuments, ref, tokenizer, template, precision: str, device, console: Console
+) -> BaseAnswerer | None:
+    """The base model as the self-distillation and replay recipes use it (None when neither is on);
+    both rework instruction data, so one asked for by name on a run without any is refused."""
+    data = config.data
+    # Asked for by name (not 'auto'), on data that has no instructions to rework: refused.
+    asked = (("data.self_distill", data.self_distill is True), ("data.replay_share", data.replay_share_for(False) > 0))
+    wanted = [name for name, on in asked if on]
+    instruction = documents.instruction
+    if not wanted and not data.self_distills(instruction) and not data.replay_share_for(instruction):
+        return None
+    if wanted and not documents.instruction:
+        raise DataError(
+            f"{wanted[0]} reworks instruction data, and data.train ({', '.join(data.train)}) holds none; "
+            f"turn {wanted[0]} off for continued pretraining."
+        )
+    return BaseAnswerer(
+        ref,
+        weights_fingerprint(ref),
+        tokenizer,
+        template,
+        precision,
+        device,
+        config.eval.batch_size,
+        report=lambda message: console.print(escape(message)),
+    )
 
 
 def _side_by_side_prompts(

@@ -40,6 +40,7 @@ class LoopState:
     skipped_steps: int = 0  # non-finite loss or gradients: failures, counted towards a rollback
     overflow_steps: int = 0  # fp16 gradients beyond float16's range: skipped by the loss scaler, not failures
     best_valid_loss: float = math.inf
+    best_task_metric: float = -math.inf  # with train.early_stopping_metric on eval.tasks: higher is better
     best_step: int = -1
     evals_without_improvement: int = 0
     stopped_early: bool = False
@@ -73,6 +74,8 @@ class LoopHooks:
 
     validate: Callable[[], LossResult]
     log_metrics: Callable[[dict], None]
+    # train.early_stopping_metric on eval.tasks: (name, value) now; None keeps the validation loss.
+    task_metric: Callable[[], tuple[str, float]] | None = None
     on_step_end: Callable[[LoopState, dict], None] = lambda state, position: None
     stop_requested: Callable[[], bool] = lambda: False
     progress: object = None
@@ -188,7 +191,12 @@ def train_loop(
 
         if train.eval_every and state.step % train.eval_every == 0 and state.step < train.max_steps:
             record_validation(
-                state, accelerator.unwrap_model(objective), hooks.validate(), train.early_stopping_patience, log_metrics
+                state,
+                accelerator.unwrap_model(objective),
+                hooks.validate(),
+                train.early_stopping_patience,
+                log_metrics,
+                hooks.task_metric() if hooks.task_metric else None,
             )
         hooks.on_step_end(state, stream.position())
         faults.after_step(state.step)
@@ -330,12 +338,28 @@ def warn_on_spike(state: LoopState, loss: float, factor: float, log_metrics: Cal
 
 
 def record_validation(
-    state: LoopState, model: torch.nn.Module, result: LossResult, patience: int, log_metrics: Callable[[dict], None]
+    state: LoopState,
+    model: torch.nn.Module,
+    result: LossResult,
+    patience: int,
+    log_metrics: Callable[[dict], None],
+    task_metric: tuple[str, float] | None = None,
 ) -> None:
-    """Log a validation, keep the best weights, and decide on early stopping."""
-    log_metrics({"step": state.step, "valid_loss": round(result.loss, 6), "valid_ppl": round(result.perplexity, 4)})
+    """Log a validation, keep the best weights, and decide on early stopping: by the validation
+    loss, or by `task_metric` (name, value; higher is better) when the run stops on one."""
+    record = {"step": state.step, "valid_loss": round(result.loss, 6), "valid_ppl": round(result.perplexity, 4)}
+    if task_metric is not None:
+        record[f"task_{task_metric[0]}"] = round(task_metric[1], 6)
+    log_metrics(record)
+    if task_metric is not None:
+        improved = task_metric[1] > state.best_task_metric
+        if improved:
+            state.best_task_metric = task_metric[1]
+    else:
+        improved = result.loss < state.best_valid_loss
     if result.loss < state.best_valid_loss:
         state.best_valid_loss = result.loss
+    if improved:
         state.best_step = state.step
         state.evals_without_improvement = 0
         state.best_trainable = full_trainable_state(model)  # every process: a collective under ZeRO/FSDP

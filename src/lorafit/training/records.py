@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 from lorafit.artifacts import AdapterRecord, BaseModelRecord, RunFolder, RunSummary
@@ -11,7 +12,9 @@ from lorafit.config import EvalSection, RunConfig
 from lorafit.data.datasets import validation_files
 from lorafit.data.formats import Conversation
 from lorafit.evaluation.core import MeasuredModel, evaluation_report, task_answer_rows
-from lorafit.evaluation.report import write_report
+from lorafit.evaluation.report import metric_changes, read_curves, training_cost, transfer_summary, write_report
+from lorafit.io import write_json_atomic
+from lorafit.model.device import peak_rss_mb
 from lorafit.model.load import tokenizer_identity
 from lorafit.training.inputs import RunInputs
 from lorafit.training.loop import LoopState
@@ -106,9 +109,23 @@ def task_table(
             "base": ((base or {}).get("tasks") or {}).get("metrics", {}),
             "adapter": tuned["tasks"]["metrics"],
         },
+        # Each eval.tasks file scored on its own (the first: the training set's own test set).
+        "sets": {
+            "base": ((base or {}).get("tasks") or {}).get("sets", {}),
+            "adapter": tuned["tasks"].get("sets", {}),
+        },
         "answers": [{**{k: v for k, v in row.items() if k != "answers"}, **row["answers"]} for row in rows],
         "skipped": list(skipped),
     }
+
+
+def run_transfer(task_files: list[str], sets: dict[str, dict]) -> dict | None:
+    """summary.json's transfer (report.json's): the trained model's change on each eval.tasks file."""
+    base = sets.get("base") or {}
+    changes = {
+        name: metric_changes(metrics, base[name]) for name, metrics in sets.get("adapter", {}).items() if name in base
+    }
+    return transfer_summary(list(task_files), {"adapter": changes})
 
 
 def write_run_report(
@@ -126,8 +143,35 @@ def write_run_report(
         base_model=base.to_json(),
         domain_files=validation_files(config.data),
         general_paths=list(config.eval.general),
-        task_files=list(config.eval.tasks),
         seq_len=config.train.seq_len,
     )
     report["settings"] = {"precision": summary.precision, "device": summary.device, "run": str(folder.root)}
     return write_report(folder.root, report)
+
+
+def write_run_records(
+    folder: RunFolder,
+    config: RunConfig,
+    inputs: RunInputs,
+    base_record: BaseModelRecord,
+    summary: RunSummary,
+    measured: list[MeasuredModel],
+    wall_start: float,
+) -> None:
+    """summary.json, tasks.json and the report, from the two measured sides [base, trained]."""
+    base, tuned = measured
+    # A run resumed from an older lorafit's checkpoint kept no base outputs: that side stays empty.
+    evaluation, base_outputs = inputs.evaluation, base.outputs or None
+    summary.generations = generation_rows(evaluation.shown_prompts, evaluation.fed_prompts, base_outputs, tuned.outputs)
+    if evaluation.records:
+        tasks = task_table(evaluation.records, base_outputs, tuned.outputs, config.eval, inputs.task_problems.records())
+        write_json_atomic(folder.tasks, tasks)
+        summary.tasks, summary.task_sets = tasks["metrics"], tasks["sets"]
+        summary.transfer = run_transfer(config.eval.tasks, tasks["sets"])
+    summary.peak_rss_mb = peak_rss_mb()
+    summary.wall_seconds = time.perf_counter() - wall_start
+    write_json_atomic(folder.summary, summary.to_json())
+    if config.eval.report:
+        tuned.evaluation.cost = training_cost(summary)
+        tuned.evaluation.curves = read_curves(folder.metrics)
+        write_run_report(folder, config, summary, measured, inputs, base_record)

@@ -15,7 +15,8 @@ from lorafit.training.checkpoint import list_checkpoints
 from lorafit.training.engines import launched_engine, make_accelerator
 from lorafit.training.guards import StopRequests
 from lorafit.training.run_folder import REPREPARED, check_run_folder, claim_run_folder
-from lorafit.training.training_run import RunResult, TrainingRun
+from lorafit.training.run_state import RunResult
+from lorafit.training.training_run import TrainingRun
 
 __all__ = ["RunResult", "run_training"]
 

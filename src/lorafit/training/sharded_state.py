@@ -73,8 +73,9 @@ def load_trainable_state(model: torch.nn.Module, state: dict[str, torch.Tensor])
         value = state[name]
         if isinstance(param, DTensor):
             # Each rank keeps its own shard of the whole value (no communication: all have it).
-            shard = distribute_tensor(value.to(param.device, param.dtype), param.device_mesh, param.placements,
-                                      src_data_rank=None)
+            shard = distribute_tensor(
+                value.to(param.device, param.dtype), param.device_mesh, param.placements, src_data_rank=None
+            )
             param.copy_(shard)
         elif hasattr(param, "ds_id"):
             partitioned.append((param, value))

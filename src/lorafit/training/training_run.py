@@ -4,11 +4,11 @@ the checkpoint, rollback and interrupt policy in `Checkpointer`."""
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import functools
 import random
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -24,7 +24,6 @@ from lorafit.config import RunConfig
 from lorafit.config_files import config_to_yaml
 from lorafit.errors import TrainingInterruptedError
 from lorafit.evaluation.core import MeasuredModel, measure_model
-from lorafit.evaluation.report import read_curves, training_cost
 from lorafit.integrity import read_json_file
 from lorafit.io import append_jsonl, write_json_atomic, write_text_atomic
 from lorafit.model.device import (
@@ -32,13 +31,13 @@ from lorafit.model.device import (
     compute_dtype,
     default_device,
     loss_scaler,
-    peak_rss_mb,
     resolve_precision,
 )
 from lorafit.model.load import weights_fingerprint
 from lorafit.model.lora import changes_base_weights, optimizer_groups
 from lorafit.model.prepare import prepare_trainable_model
 from lorafit.training import faults
+from lorafit.training.base_cache import base_measurement_file, keep_base_measurement, read_base_measurement
 from lorafit.training.checkpointer import Checkpointer
 from lorafit.training.engines import (
     PARTITIONED_NAMES,
@@ -56,17 +55,13 @@ from lorafit.training.loop import (
     record_validation,
     train_loop,
 )
+from lorafit.training.neftune import add_embedding_noise
 from lorafit.training.progress import training_progress
-from lorafit.training.records import (
-    adapter_record,
-    add_general,
-    generation_rows,
-    run_summary,
-    task_table,
-    write_run_report,
-)
+from lorafit.training.records import adapter_record, add_general, run_summary, write_run_records
 from lorafit.training.run_folder import input_fingerprints, metrics_line_count
+from lorafit.training.run_state import RunProgress, RunResult
 from lorafit.training.sharded_state import DEEPSPEED, FSDP, PLAIN, full_trainable_state, held_here, load_trainable_state
+from lorafit.training.task_check import task_metric_check
 
 EVA_INIT_BLOCKS = 64  # training blocks shown to the data-driven EVA init
 
@@ -75,43 +70,6 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
-
-
-@dataclass
-class RunProgress:
-    """What the run has done so far: the loop's state and data position, the checkpoint it resumed
-    from, and the base model as measured before training."""
-
-    loop: LoopState | None = None
-    position: dict | None = None
-    resumed_from: str | None = None
-    base: MeasuredModel | None = None
-
-
-@dataclass
-class RunResult:
-    """What `lorafit train` (and `lorafit.train`) returns: the run folder, its summary.json as a
-    dict, the saved adapter/ (or model/) and report.html (None when not written)."""
-
-    out_dir: Path
-    run_summary: RunSummary
-    main_process: bool = True  # False in the other processes of a multi-process run (they save nothing)
-
-    @property
-    def summary(self) -> dict:
-        return self.run_summary.to_json()
-
-    @property
-    def folder(self) -> RunFolder:
-        return RunFolder(self.out_dir)
-
-    @property
-    def adapter(self) -> Path | None:
-        return self.folder.trained()
-
-    @property
-    def report(self) -> Path | None:
-        return self.folder.report if self.folder.report.is_file() else None
 
 
 class TrainingRun:
@@ -147,11 +105,19 @@ class TrainingRun:
         self.partitioned_weights = weights_partitioned(self.accelerator, self.engine)
         if self.partitioned_weights:
             refuse_under_partitioned_weights(self.config, self.engine)
+            data = self.config.data
+            if "auto" in (data.self_distill, data.replay_share):  # the base's answers: not generated there yet
+                data = data.model_copy(update={"self_distill": data.self_distill is True, "replay_share": 0.0})
+                self.config = self.config.model_copy(update={"data": data})
+                self.console.print(
+                    f"self-distillation and replay off under {PARTITIONED_NAMES[self.engine]} (data.self_distill, "
+                    "data.replay_share: auto)"
+                )
         self.scaler = None if self.deepspeed_run else loss_scaler(self.precision, self.device)
         seed_everything(self.train_cfg.seed)
         # The first process prepares (and caches) the documents; the others then read its results.
         with self.accelerator.main_process_first():
-            self.inputs = prepare_run_inputs(self.config, self.folder, self.device, self.console)
+            self.inputs = prepare_run_inputs(self.config, self.folder, self.device, self.console, self.precision)
         self.inputs.evaluation.autocast = self.autocast
         ref, train, processes = self.inputs.ref, self.train_cfg, self.accelerator.num_processes
         self.console.print(f"[bold]base[/] {ref.name}  [bold]precision[/] {self.precision}  [bold]device[/] {device}")
@@ -176,6 +142,14 @@ class TrainingRun:
         blocks = self.inputs.blocks
         self.fingerprints = input_fingerprints(
             self.config, blocks.train, blocks.valid, self.base_record.weights_fingerprint
+        )
+        # One process shares measurements across runs (several would have to agree on reusing one).
+        self.base_cache = (
+            base_measurement_file(
+                self.config, self.inputs.evaluation, self.base_record.weights_fingerprint, self.precision, self.device
+            )
+            if self.accelerator.num_processes == 1
+            else None
         )
         self.checkpointer = Checkpointer(
             folder=self.folder,
@@ -214,6 +188,8 @@ class TrainingRun:
         lora = self.trainable.method == "lora"
         if lora and changes_base_weights(self.config.lora) and self.accelerator.is_main_process:
             self.initial_adapter = save_initial_adapter(model, self.folder.initial_adapter)
+        if train.neftune_alpha:
+            add_embedding_noise(model, train.neftune_alpha)
         objective = CausalLMObjective(model, compute_dtype(self.precision), train.loss_chunk_tokens)
 
         def make_optimizer() -> torch.optim.Optimizer:
@@ -227,6 +203,9 @@ class TrainingRun:
         # broadcasts buffers), which would hang when only the first process measures.
         self.eval_objective = self.accelerator.unwrap_model(self.objective)
         self.tuned_model = self.eval_objective.model
+        self.task_metric = task_metric_check(
+            self.tuned_model, self.inputs.evaluation, train.early_stopping_metric, train.early_stopping_examples
+        )
 
     def _save_checkpoint_adapter(self, folder: Path, state: LoopState, weights: dict[str, torch.Tensor]) -> None:
         # One process and DDP save the module's own weights (the same values); ZeRO and FSDP the gathered ones.
@@ -246,24 +225,45 @@ class TrainingRun:
 
     def start(self) -> None:
         """A new run: its config.yaml, then the base model measured as set up (an adapter at its
-        initialisation computes the base model's function), kept in base_outputs.json."""
+        initialisation computes the base model's function; one started from a trained adapter,
+        lora.init_from, is switched off), kept in base_outputs.json."""
         # Written once every input has been checked: a run that failed on bad input leaves no
         # config.yaml behind, so retrying into the same --out is not refused as "already a run".
         if self.accelerator.is_main_process:
             write_text_atomic(self.folder.config, config_to_yaml(self.config))
-        self.console.print("measuring validation perplexity of the base model...")
         faults.at_stage("base")
-        before = self.validate(self.inputs.evaluation.domain)
-        self.log_metrics({"step": 0, "valid_loss": round(before.loss, 6), "valid_ppl": round(before.perplexity, 4)})
-        records = self.inputs.evaluation.records
-        if records:
-            self.console.print(f"scoring the base model on {len(records)} task records...")
-        path, evaluation, cost = self.base_record.path, self.inputs.evaluation, self._base_cost()
-        model, objective = self.tuned_model, self.eval_objective
-        base = measure_model(model, objective, "base", "base", path, evaluation, cost, None, before)
+        base = self._reuse_base_measurement() or self._measure_base()
         if self.accelerator.is_main_process:
             write_json_atomic(self.folder.base_outputs, base.outputs)
         self._keep_base(base)
+
+    def _measure_base(self) -> MeasuredModel:
+        """The base model as set up (a run started from a trained adapter switches it off)."""
+        self.console.print("measuring validation perplexity of the base model...")
+        started_trained = bool(self.config.lora.init_from)
+        with self.tuned_model.disable_adapter() if started_trained else contextlib.nullcontext():
+            before = self.validate(self.inputs.evaluation.domain)
+            self.log_metrics({"step": 0, "valid_loss": round(before.loss, 6), "valid_ppl": round(before.perplexity, 4)})
+            records = self.inputs.evaluation.records
+            if records:
+                self.console.print(f"scoring the base model on {len(records)} task records...")
+            path, evaluation, cost = self.base_record.path, self.inputs.evaluation, self._base_cost()
+            model, objective = self.tuned_model, self.eval_objective
+            base = measure_model(model, objective, "base", "base", path, evaluation, cost, None, before)
+        if self.accelerator.is_main_process:
+            keep_base_measurement(self.base_cache, before, base.evaluation.general, base.outputs)
+        return base
+
+    def _reuse_base_measurement(self) -> MeasuredModel | None:
+        """The base measured by an earlier run on the same data and settings (base_cache)."""
+        kept = read_base_measurement(self.base_cache)
+        if kept is None:
+            return None
+        before, general, outputs = kept
+        self.console.print(f"base model: measured by an earlier run on the same data and settings ({self.base_cache})")
+        self.log_metrics({"step": 0, "valid_loss": round(before.loss, 6), "valid_ppl": round(before.perplexity, 4)})
+        path, cost = self.base_record.path, self._base_cost()
+        return MeasuredModel.from_parts("base", "base", path, before, general, outputs, cost)
 
     def resume(self, resume: str, ignore_changes: bool) -> None:
         """Continue from checkpoint `resume`; the base's measurements come from the checkpoint and
@@ -311,7 +311,14 @@ class TrainingRun:
         )
         progress = self.progress
         with self.stops.deferring() as stop_requested, training_progress(self.console) as bar:
-            hooks = LoopHooks(self.validate, self.log_metrics, self.checkpointer.on_step_end, stop_requested, bar)
+            hooks = LoopHooks(
+                self.validate,
+                self.log_metrics,
+                on_step_end=self.checkpointer.on_step_end,
+                stop_requested=stop_requested,
+                progress=bar,
+                task_metric=self.task_metric,
+            )
             while True:
                 try:
                     progress.loop = train_loop(engine, self.train_cfg, hooks, progress.loop, progress.position)
@@ -381,7 +388,8 @@ class TrainingRun:
         summary.saved_to, summary.saved_bytes = str(saved), folder_bytes(saved)
         tuned = self._measure_trained(after, saved)
         add_general(summary, base.evaluation.general, tuned.evaluation.general)
-        self._write_records(summary, base, tuned)
+        measured = [base, tuned]
+        write_run_records(self.folder, self.config, self.inputs, self.base_record, summary, measured, self.wall_start)
         return RunResult(self.folder.root, summary)
 
     def _choose_weights(self, state: LoopState) -> LossResult:
@@ -389,7 +397,8 @@ class TrainingRun:
         that validated better (early stopping, overfitting). Returns the loss on every block."""
         capped, full = self.inputs.capped_valid, self.inputs.evaluation.domain
         final = self.validate()
-        record_validation(state, self.eval_objective, final, 0, self.log_metrics)
+        metric = self.task_metric() if self.task_metric else None
+        record_validation(state, self.eval_objective, final, 0, self.log_metrics, metric)
         restored = state.best_step != state.step and state.best_trainable is not None
         if restored:
             load_trainable_state(self.eval_objective, state.best_trainable)
@@ -411,30 +420,8 @@ class TrainingRun:
         model, objective, evaluation = self.tuned_model, self.eval_objective, self.inputs.evaluation
         return measure_model(model, objective, name, method, str(saved), evaluation, {}, None, after)
 
-    def _write_records(self, summary: RunSummary, base: MeasuredModel, tuned: MeasuredModel) -> None:
-        """summary.json, tasks.json and the report, from the two measured sides."""
-        # A run resumed from an older lorafit's checkpoint kept no base outputs: that side stays empty.
-        evaluation, base_outputs = self.inputs.evaluation, self.progress.base.outputs or None
-        summary.generations = generation_rows(
-            evaluation.shown_prompts, evaluation.fed_prompts, base_outputs, tuned.outputs
-        )
-        if evaluation.records:
-            tasks = task_table(
-                evaluation.records, base_outputs, tuned.outputs, self.config.eval, self.inputs.task_problems.records()
-            )
-            write_json_atomic(self.folder.tasks, tasks)
-            summary.tasks = tasks["metrics"]
-        summary.peak_rss_mb = peak_rss_mb()
-        summary.wall_seconds = time.perf_counter() - self.wall_start
-        write_json_atomic(self.folder.summary, summary.to_json())
-        if self.config.eval.report:
-            tuned.evaluation.cost = training_cost(summary)
-            tuned.evaluation.curves = read_curves(self.folder.metrics)
-            write_run_report(self.folder, self.config, summary, [base, tuned], self.inputs, self.base_record)
-
 
 def model_weights(objective_weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Trainable weights named as in the model (the PEFT model's own state dict) rather than as in
     the objective around it (CausalLMObjective.model)."""
     return {name.removeprefix("model."): value for name, value in objective_weights.items()}
-

@@ -82,8 +82,15 @@ def describe_data(stats: dict, formats: dict[str, str]) -> str:
 
 
 def prepare_run_inputs(
-    config: RunConfig, folder: RunFolder, device: torch.device, console: Console, precision: str = "fp32"
+    config: RunConfig,
+    folder: RunFolder,
+    device: torch.device,
+    console: Console,
+    precision: str = "fp32",
+    base_answers: bool = True,
 ) -> RunInputs:
+    """Everything the run reads, checked. `base_answers`: whether the recipes that have the base
+    model answer ('auto' self-distillation and replay) may run here (not under FSDP/ZeRO-3 yet)."""
     train, evaluation = config.train, config.eval
     check_quantization(config.model.quantization, device)  # before any work
     ref = resolve_base(config.model.base)
@@ -96,13 +103,17 @@ def prepare_run_inputs(
         if documents.instruction or documents.valid_conversations or evaluation.tasks
         else None
     )
-    answerer = base_answerer(config, documents, ref, tokenizer, template, precision, device, console)
-    if config.data.self_distills(documents.instruction):
+    # 'auto' self-distillation and replay apply to instruction data, where the base may answer.
+    automatic = documents.instruction and base_answers
+    if documents.instruction and not automatic and "auto" in (config.data.self_distill, config.data.replay_share):
+        console.print("self-distillation and replay ('auto') are off while the weights are held in parts")
+    answerer = base_answerer(config, documents, automatic, (ref, tokenizer, template), precision, device, console)
+    if config.data.self_distills(automatic):
         _distill_answers(documents, answerer, config.data.distill_max_new_tokens, console)
     blocks = pack_run_documents(
         documents, tokenizer, train.seq_len, template, config.data.train_turns, config.data.instruct_share
     )
-    replay_share = config.data.replay_share_for(documents.instruction)
+    replay_share = config.data.replay_share_for(automatic)
     if replay_share:
         blocks = _mix_in_replay(config, documents, blocks, answerer, (tokenizer, template), replay_share, console)
     if answerer is not None:
@@ -185,7 +196,13 @@ def _mix_in_replay(
 
 
 def base_answerer(
-    config: RunConfig, documents: RunDocuments, ref, tokenizer, template, precision: str, device, console: Console
+    config: RunConfig,
+    documents: RunDocuments,
+    automatic: bool,
+    model: tuple,
+    precision: str,
+    device: torch.device,
+    console: Console,
 ) -> BaseAnswerer | None:
     """The base model as the self-distillation and replay recipes use it (None when neither is on);
     both rework instruction data, so one asked for by name on a run without any is refused."""
@@ -193,14 +210,14 @@ def base_answerer(
     # Asked for by name (not 'auto'), on data that has no instructions to rework: refused.
     asked = (("data.self_distill", data.self_distill is True), ("data.replay_share", data.replay_share_for(False) > 0))
     wanted = [name for name, on in asked if on]
-    instruction = documents.instruction
-    if not wanted and not data.self_distills(instruction) and not data.replay_share_for(instruction):
+    if not wanted and not data.self_distills(automatic) and not data.replay_share_for(automatic):
         return None
     if wanted and not documents.instruction:
         raise DataError(
             f"{wanted[0]} reworks instruction data, and data.train ({', '.join(data.train)}) holds none; "
             f"turn {wanted[0]} off for continued pretraining."
         )
+    ref, tokenizer, template = model
     return BaseAnswerer(
         ref,
         weights_fingerprint(ref),

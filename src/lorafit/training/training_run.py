@@ -105,19 +105,14 @@ class TrainingRun:
         self.partitioned_weights = weights_partitioned(self.accelerator, self.engine)
         if self.partitioned_weights:
             refuse_under_partitioned_weights(self.config, self.engine)
-            data = self.config.data
-            if "auto" in (data.self_distill, data.replay_share):  # the base's answers: not generated there yet
-                data = data.model_copy(update={"self_distill": data.self_distill is True, "replay_share": 0.0})
-                self.config = self.config.model_copy(update={"data": data})
-                self.console.print(
-                    f"self-distillation and replay off under {PARTITIONED_NAMES[self.engine]} (data.self_distill, "
-                    "data.replay_share: auto)"
-                )
         self.scaler = None if self.deepspeed_run else loss_scaler(self.precision, self.device)
         seed_everything(self.train_cfg.seed)
         # The first process prepares (and caches) the documents; the others then read its results.
         with self.accelerator.main_process_first():
-            self.inputs = prepare_run_inputs(self.config, self.folder, self.device, self.console, self.precision)
+            # The base model's answers (self-distillation, replay) are not generated with partitioned weights yet.
+            self.inputs = prepare_run_inputs(
+                self.config, self.folder, self.device, self.console, self.precision, not self.partitioned_weights
+            )
         self.inputs.evaluation.autocast = self.autocast
         ref, train, processes = self.inputs.ref, self.train_cfg, self.accelerator.num_processes
         self.console.print(f"[bold]base[/] {ref.name}  [bold]precision[/] {self.precision}  [bold]device[/] {device}")

@@ -42,12 +42,33 @@ def greedy_generate(
     serving engine's): up to `batch_size` answers decode together and a finished one's row goes to
     the next prompt at once. Each answer ends at the first of `stop_ids` (default: the tokenizer's
     EOS; for chat prompts, chat_template.end_of_turn_ids), not included, or after `max_new_tokens`."""
+    answers = greedy_answers(model, tokenizer, prompts, max_new_tokens, device, autocast, batch_size, stop_ids)
+    return [text for text, _ in answers]
+
+
+def greedy_answers(
+    model,
+    tokenizer,
+    prompts: list[str],
+    max_new_tokens: int,
+    device: torch.device,
+    autocast=nullcontext,
+    batch_size: int = 16,
+    stop_ids: list[int] | None = None,
+) -> list[tuple[str, bool]]:
+    """greedy_generate's answers with whether each ended at a stop id (False: cut at max_new_tokens)."""
     stops = tuple(stop_ids or [tokenizer.eos_token_id])
     batcher = ContinuousBatcher(model, device, max_batch=batch_size, autocast=autocast)
     sampling = Sampling(max_new_tokens, stop_ids=stops)
     sequences = [Sequence(tokenizer(p, add_special_tokens=False)["input_ids"], sampling) for p in prompts]
     generate_all(batcher, sequences)
-    return [tokenizer.decode(until_stop(s.generated, list(stops)), skip_special_tokens=True).strip() for s in sequences]
+    return [
+        (
+            tokenizer.decode(until_stop(s.generated, list(stops)), skip_special_tokens=True).strip(),
+            s.finish_reason == "stop",
+        )
+        for s in sequences
+    ]
 
 
 def until_stop(tokens: list[int], stops: list[int]) -> list[int]:

@@ -15,9 +15,7 @@ from pathlib import Path
 
 import torch
 
-from lorafit.compute.continuous import ContinuousBatcher, Sequence, generate_all
-from lorafit.compute.generate import generation_mode, until_stop
-from lorafit.compute.sampling import Sampling
+from lorafit.compute.generate import generation_mode, greedy_answers
 from lorafit.data.chat_template import ChatTemplate, end_of_turn_ids, render_prompt
 from lorafit.home import lorafit_home
 from lorafit.io import write_json_atomic
@@ -76,18 +74,11 @@ class BaseAnswerer:
         model = self._load()
         stops = end_of_turn_ids(self.tokenizer, self.template)
         autocast = functools.partial(autocast_context, self.precision, self.device)
-        batcher = ContinuousBatcher(model, self.device, max_batch=self.batch_size, autocast=autocast)
-        sampling = Sampling(max_new_tokens, stop_ids=tuple(stops))
-        sequences = [Sequence(self.tokenizer(p, add_special_tokens=False)["input_ids"], sampling) for p in prompts]
         with generation_mode(model), torch.no_grad():
-            generate_all(batcher, sequences)
-        return [
-            BaseAnswer(
-                self.tokenizer.decode(until_stop(s.generated, stops), skip_special_tokens=True).strip(),
-                s.finish_reason == "stop",
+            answers = greedy_answers(
+                model, self.tokenizer, prompts, max_new_tokens, self.device, autocast, self.batch_size, stops
             )
-            for s in sequences
-        ]
+        return [BaseAnswer(text, finished) for text, finished in answers]
 
     def _load(self):
         if self._model is None:

@@ -34,6 +34,7 @@ def main() -> None:
     if not args.data.is_file():
         sys.exit(f"{args.data}: no such file; pass --data with a JSONL of {{'text': ...}} records.")
 
+    import numpy as np
     import torch
     import transformers
     from transformers import AutoModelForCausalLM
@@ -78,8 +79,8 @@ def main() -> None:
         nll = 0.0
         with torch.no_grad():
             for row in rows:
-                labels = torch.as_tensor(blocks.full_labels()[row : row + 1])
-                input_ids = torch.as_tensor(blocks.input_ids[row : row + 1])
+                labels = torch.as_tensor(np.asarray(blocks.full_labels()[row : row + 1], dtype=np.int64))
+                input_ids = torch.as_tensor(np.asarray(blocks.input_ids[row : row + 1], dtype=np.int64))
                 targets = int((labels[:, 1:] != -100).sum())
                 nll += float(peer_model(input_ids=input_ids, labels=labels).loss) * targets
         return nll

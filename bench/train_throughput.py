@@ -35,6 +35,7 @@ LORA = {"r": 8, "alpha": 32, "dropout": 0.05, "target_modules": ["q_proj", "v_pr
 
 def blocks_in_lorafit_order(data: Path, steps: int, model: str = ""):
     """The packed blocks each optimizer step sees, in lorafit's (seeded) order."""
+    import numpy as np
     import torch
 
     from lorafit.compute.batches import BlockStream
@@ -46,7 +47,7 @@ def blocks_in_lorafit_order(data: Path, steps: int, model: str = ""):
     tokenizer = load_tokenizer(resolve_base(model))
     documents, _ = load_prepared_jsonl([data])
     packed = pack_documents(tokenize_cached([d.text for d in documents], tokenizer), tokenizer.eos_token_id, SEQ_LEN)
-    blocks = torch.as_tensor(packed.input_ids)
+    blocks = torch.as_tensor(np.asarray(packed.input_ids, dtype=np.int64))  # a token shard is uint16
     stream = BlockStream(num_blocks=len(packed), batch_size=BATCH, seed=0)
     return torch.cat([blocks[stream.next_indices()] for _ in range(steps)])
 

@@ -35,7 +35,7 @@ def test_tokenize_cache_hit_equals_fresh(tiny_model_dir, isolated_home):
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
     texts = ["def add(a, b):\n    return a + b", "The quick brown fox.", ""]
     first = tokenize_cached(texts, tokenizer)
-    files = list((isolated_home / "tokens").glob("*.npz"))
+    files = list((isolated_home / "tokens").glob("*/shard.json"))
     assert len(files) == 1
     second = tokenize_cached(texts, tokenizer)
     assert (
@@ -44,4 +44,4 @@ def test_tokenize_cache_hit_equals_fresh(tiny_model_dir, isolated_home):
         == [a.tolist() for a in tokenize_texts(texts, tokenizer)]
     )
     tokenize_cached(texts[:2], tokenizer)
-    assert len(list((isolated_home / "tokens").glob("*.npz"))) == 2  # keyed by the texts
+    assert len(list((isolated_home / "tokens").glob("*/shard.json"))) == 2  # keyed by the texts

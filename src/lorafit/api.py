@@ -66,11 +66,14 @@ def prepare(
     base: str = default_of("model.base"),
     overwrite: bool = False,
     console: Console | None = None,
+    workers: int = default_of("data.workers"),
 ) -> PrepareResult:
     """`lorafit prepare`: clean, de-duplicate, decontaminate and split raw documents into
     OUT/train.jsonl, OUT/valid.jsonl and OUT/stats.json (token counts by `base`'s tokenizer)."""
-    from lorafit.data.prepare import PrepareOptions, add_token_counts, prepare_documents, write_prepared
-    from lorafit.data.tokenize import count_tokens
+    from lorafit.data.prepare import PrepareOptions
+    from lorafit.data.prepare_progress import prepare_progress
+    from lorafit.data.prepared_folder import prepare_to_folder
+    from lorafit.data.readers import find_files
     from lorafit.model.load import load_tokenizer, resolve_base
     from lorafit.outputs import check_output_folder, output_folder
 
@@ -82,6 +85,7 @@ def prepare(
             "--near-dup-threshold": ("data.near_dup_threshold", near_dup_threshold),
             "--valid-ratio": ("data.valid_ratio", valid_ratio),
             "--exclude-ngram": ("data.exclude_ngram", exclude_ngram),
+            "--workers": ("data.workers", workers),
         }
     )
     check_output_folder(out, "prepared", overwrite)  # before any work
@@ -92,16 +96,17 @@ def prepare(
         valid_ratio=valid_ratio,
         exclude=[str(p) for p in exclude or []],
         exclude_ngram=exclude_ngram,
+        workers=workers,
         setting_names=PREPARE_SETTINGS,
     )
     console = console or Console()
-    with output_folder(out, "prepared", "lorafit prepare"):
-        with console.status("reading and cleaning documents..."):
-            prepared = prepare_documents(paths_in, options)
-        tokenizer = load_tokenizer(resolve_base(base))
-        add_token_counts(prepared, lambda texts: count_tokens(texts, tokenizer))
-        paths = write_prepared(prepared, out)
-    return PrepareResult(out_dir=out, paths=paths, stats=prepared.stats, problems=prepared.problems.records())
+    input_bytes = sum(path.stat().st_size for path in find_files(paths_in))
+    tokenizer = load_tokenizer(resolve_base(base))
+    with output_folder(out, "prepared", "lorafit prepare"), prepare_progress(console, input_bytes) as report:
+        prepared = prepare_to_folder([str(p) for p in paths_in], options, out, tokenizer, report)
+    return PrepareResult(
+        out_dir=out, paths=prepared.paths, stats=prepared.stats, problems=prepared.problems.records()
+    )
 
 
 def train(

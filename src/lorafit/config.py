@@ -104,6 +104,12 @@ class DataSection(Section):
         description="JSONL evaluation sets: training documents sharing a long n-gram with them are dropped.",
     )
     exclude_ngram: int = Field(13, ge=4, description="n-gram length (in words) for decontamination.")
+    workers: int = Field(
+        0,
+        ge=0,
+        description="Processes that read, clean and tokenize raw documents (0: one per available core); "
+        "the result is the same for any number.",
+    )
     format: Literal["auto", "text", "alpaca", "chat", "sharegpt"] = Field(
         "auto",
         description="JSONL/JSON record format: 'auto' detects it per file (messages -> chat, conversations -> "

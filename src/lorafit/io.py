@@ -12,7 +12,8 @@ import json
 import math
 import os
 import tempfile
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -55,20 +56,28 @@ def _read_umask() -> int:
 UMASK = _read_umask()
 
 
-def write_bytes_atomic(path: Path, data: bytes) -> None:
+@contextmanager
+def atomic_writer(path: Path) -> Iterator:
+    """A binary file to write `path` through, a piece at a time: it appears under its name only
+    when the block ends without an error (and is removed otherwise)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=staging_prefix(path.name), dir=path.parent)
     try:
         # mkstemp creates the file 0600; a report or summary gets the permissions any new file would.
         os.fchmod(fd, 0o666 & ~UMASK)
         with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
+            yield handle
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def write_bytes_atomic(path: Path, data: bytes) -> None:
+    with atomic_writer(path) as handle:
+        handle.write(data)
 
 
 def write_text_atomic(path: Path, text: str) -> None:
@@ -80,8 +89,9 @@ def write_json_atomic(path: Path, data: Any) -> None:
 
 
 def write_jsonl_atomic(path: Path, records: Iterable[dict]) -> None:
-    lines = (to_json(record) + "\n" for record in records)
-    write_text_atomic(path, "".join(lines))
+    with atomic_writer(path) as handle:
+        for record in records:
+            handle.write((to_json(record) + "\n").encode("utf-8"))
 
 
 def append_jsonl(path: Path, record: dict) -> None:

@@ -36,6 +36,9 @@ def prepare(
         default_of("model.base")
     ),
     overwrite: Annotated[bool, typer.Option(help="Replace data an earlier lorafit prepare wrote into --out.")] = False,
+    workers: Annotated[
+        int, typer.Option(help="Processes that read, clean and tokenize (0: one per available core).")
+    ] = default_of("data.workers"),
 ) -> None:
     """Clean, de-duplicate, decontaminate and split raw documents into train/valid JSONL."""
     from lorafit.api import prepare as prepare_data
@@ -53,6 +56,7 @@ def prepare(
             base=base,
             overwrite=overwrite,
             console=console,
+            workers=workers,
         )
     except LorafitError as exc:
         _fail(exc)

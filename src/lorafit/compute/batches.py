@@ -21,18 +21,17 @@ def epoch_order(num_blocks: int, seed: int, epoch: int) -> torch.Tensor:
 
 @dataclass
 class BlockTensors:
-    """Packed blocks as tensors, from which micro-batches are picked by block index."""
+    """Packed blocks from which micro-batches are picked by block index. The arrays stay as they
+    were packed (a memory-mapped token shard stays on disk): a batch's rows are read and widened
+    to int64 tensors when it is taken."""
 
-    input_ids: torch.Tensor
-    labels: torch.Tensor | None  # None: every token is a target
-    position_ids: torch.Tensor | None  # None: 0..L-1 (one causal stream per block)
+    input_ids: np.ndarray
+    labels: np.ndarray | None  # None: every token is a target
+    position_ids: np.ndarray | None  # None: 0..L-1 (one causal stream per block)
 
     @classmethod
     def from_packed(cls, blocks: PackedBlocks) -> BlockTensors:
-        def tensor(array: np.ndarray | None) -> torch.Tensor | None:
-            return None if array is None else torch.as_tensor(np.ascontiguousarray(array), dtype=torch.long)
-
-        return cls(tensor(blocks.input_ids), tensor(blocks.labels), tensor(blocks.position_ids))
+        return cls(blocks.input_ids, blocks.labels, blocks.position_ids)
 
     def __len__(self) -> int:
         return self.input_ids.shape[0]
@@ -43,13 +42,15 @@ class BlockTensors:
 
     def batch(self, indices: torch.Tensor, device: torch.device) -> dict[str, torch.Tensor]:
         """The objective's keyword arguments for these blocks."""
-        input_ids = self.input_ids[indices].to(device)
-        batch = {
-            "input_ids": input_ids,
-            "labels": input_ids if self.labels is None else self.labels[indices].to(device),
-        }
+        rows = indices.numpy()
+
+        def take(array: np.ndarray) -> torch.Tensor:
+            return torch.from_numpy(np.asarray(array[rows], dtype=np.int64)).to(device)
+
+        input_ids = take(self.input_ids)
+        batch = {"input_ids": input_ids, "labels": input_ids if self.labels is None else take(self.labels)}
         if self.position_ids is not None:
-            batch["position_ids"] = self.position_ids[indices].to(device)
+            batch["position_ids"] = take(self.position_ids)
         return batch
 
 

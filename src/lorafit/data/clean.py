@@ -27,7 +27,11 @@ def normalize_text(text: str) -> str:
     return _BLANK_RUNS.sub("\n\n", text).strip()
 
 
+def canonical_text(text: str) -> str:
+    """The text with case and whitespace differences folded away (what exact duplicates share)."""
+    return " ".join(text.casefold().split())
+
+
 def exact_key(text: str) -> str:
     """Hash that equates texts differing only in case and whitespace."""
-    canonical = " ".join(text.casefold().split())
-    return hashlib.sha256(canonical.encode("utf-8")).hexdigest()
+    return hashlib.sha256(canonical_text(text).encode("utf-8")).hexdigest()

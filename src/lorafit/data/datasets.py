@@ -16,7 +16,8 @@ from lorafit.data.documents import Document, Problems, first_of
 from lorafit.data.examples import build_examples
 from lorafit.data.formats import Conversation, detect_file_format, field_names, read_conversations
 from lorafit.data.pack import PackedBlocks, concatenate_blocks, pack_documents, pack_examples
-from lorafit.data.prepare import PrepareOptions, load_prepared_jsonl, prepare_documents, write_prepared
+from lorafit.data.prepare import PrepareOptions, load_prepared_jsonl, prepare_documents
+from lorafit.data.prepared_folder import prepare_to_folder
 from lorafit.data.readers import find_files
 from lorafit.data.records import RECORD_SUFFIXES
 from lorafit.data.split import split_documents
@@ -47,6 +48,7 @@ def _options(data: DataSection, valid_ratio: float) -> PrepareOptions:
         valid_ratio=valid_ratio,
         exclude=list(data.exclude),
         exclude_ngram=data.exclude_ngram,
+        workers=data.workers,
     )
 
 
@@ -67,17 +69,30 @@ def _group_by_format(paths: list[Path], data: DataSection, formats: dict[str, st
     return groups
 
 
-def _read_text(paths: list[Path], data: DataSection, valid_ratio: float, prepared_dir: Path | None, problems: Problems):
-    """(train, valid, stats): prepared JSONL used as is; raw documents cleaned (and written out)."""
+def _read_text(
+    paths: list[Path],
+    data: DataSection,
+    valid_ratio: float,
+    prepared_dir: Path | None,
+    problems: Problems,
+    tokenizer=None,
+):
+    """(train, valid, stats): prepared JSONL used as is; raw documents cleaned — streamed into
+    `prepared_dir` when given (and tokenized there by the workers into cached token shards)."""
     if all(path.suffix.lower() in RECORD_SUFFIXES for path in paths):
         documents, _ = load_prepared_jsonl(paths, data.text_field, problems)
         train, valid = split_documents(documents, valid_ratio)
         return train, valid, {}
-    prepared = prepare_documents(paths, _options(data, valid_ratio))
-    if prepared_dir is not None:
-        write_prepared(prepared, prepared_dir)
-    problems.items.extend(prepared.problems.items)
-    return prepared.train, prepared.valid, prepared.stats
+    if prepared_dir is None:
+        prepared = prepare_documents(paths, _options(data, valid_ratio))
+        problems.items.extend(prepared.problems.items)
+        return prepared.train, prepared.valid, prepared.stats
+    written = prepare_to_folder([str(p) for p in paths], _options(data, valid_ratio), prepared_dir, tokenizer)
+    problems.items.extend(written.problems.items)
+    train = load_prepared_jsonl([written.paths["train"]])[0]
+    valid = load_prepared_jsonl([written.paths["valid"]])[0]
+    stats = {key: value for key, value in written.stats.items() if not key.endswith("_tokens")}
+    return train, valid, stats
 
 
 def _read_instructions(
@@ -109,9 +124,10 @@ def _read_instructions(
     return unique, stats
 
 
-def load_run_documents(data: DataSection, prepared_dir: Path | None) -> RunDocuments:
+def load_run_documents(data: DataSection, prepared_dir: Path | None, tokenizer=None) -> RunDocuments:
     """Train/valid documents and conversations for `data`; raw documents are cleaned and written
-    to `prepared_dir` (when given). Files of the same run may mix formats (text and instructions)."""
+    to `prepared_dir` (when given; with `tokenizer`, tokenized into cached token shards that
+    packing then reads). Files of the same run may mix formats (text and instructions)."""
     problems = Problems()
     formats: dict[str, str] = {}
     valid_ratio = 0.0 if data.valid else data.valid_ratio
@@ -120,7 +136,7 @@ def load_run_documents(data: DataSection, prepared_dir: Path | None) -> RunDocum
     valid: list[Document] = []
     stats: dict = {}
     if "text" in groups:
-        train, valid, stats = _read_text(groups["text"], data, valid_ratio, prepared_dir, problems)
+        train, valid, stats = _read_text(groups["text"], data, valid_ratio, prepared_dir, problems, tokenizer)
     conversations, instruction_stats = _read_instructions(groups, data, problems)
     train_conversations, valid_conversations = split_documents(conversations, valid_ratio)
     if data.valid:

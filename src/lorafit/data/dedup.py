@@ -1,12 +1,14 @@
-"""Exact and near-duplicate removal (MinHash LSH from datasketch)."""
+"""Exact and near-duplicate removal (MinHash signatures from datasketch, in a compact LSH index)."""
 
 from __future__ import annotations
 
 from collections.abc import Callable
 
-from datasketch import MinHash, MinHashLSH
+import numpy as np
+from datasketch import MinHash
 
 from lorafit.data.clean import exact_key
+from lorafit.data.dedup_index import NearDuplicateIndex
 from lorafit.data.documents import Item
 from lorafit.data.words import ngrams, word_units
 
@@ -37,20 +39,20 @@ def minhash_of(text: str, num_perm: int = NUM_PERM) -> MinHash:
     return signature
 
 
+def minhash_signature(text: str) -> np.ndarray:
+    """The text's MinHash values as uint32 (datasketch keeps them below 2**32 in uint64)."""
+    return minhash_of(text).hashvalues.astype(np.uint32)
+
+
+def near_duplicate_index(threshold: float) -> NearDuplicateIndex:
+    return NearDuplicateIndex(threshold, NUM_PERM)
+
+
 def drop_near_duplicates(documents: list[Item], threshold: float) -> tuple[list[Item], int]:
     """Keep the first of each group of documents whose estimated Jaccard similarity >= threshold."""
-    if threshold >= 1.0:  # only equal shingle sets (LSH cannot band for a threshold of 1)
-        return drop_exact_duplicates_by(documents, lambda doc: minhash_of(doc.text).hashvalues.tobytes().hex())
-    lsh = MinHashLSH(threshold=threshold, num_perm=NUM_PERM)
-    signatures: dict[str, MinHash] = {}
-    kept = []
-    for index, doc in enumerate(documents):
-        signature = minhash_of(doc.text)
-        # LSH candidates are probable matches; confirm with the signatures' Jaccard estimate.
-        if any(signature.jaccard(signatures[key]) >= threshold for key in lsh.query(signature)):
-            continue
-        key = str(index)
-        lsh.insert(key, signature)
-        signatures[key] = signature
-        kept.append(doc)
+    index = near_duplicate_index(threshold)
+    try:
+        kept = [doc for doc in documents if not index.add_unless_duplicate(minhash_signature(doc.text))]
+    finally:
+        index.close()
     return kept, len(documents) - len(kept)

@@ -15,22 +15,53 @@ from __future__ import annotations
 
 import bisect
 import hashlib
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
 
+from lorafit.data.token_shards import TokenShard
+
 IGNORE_INDEX = -100  # the label of a token that is not trained (PyTorch's cross-entropy default)
+
+
+class StreamMembers(Sequence):
+    """Per block of one packed text stream, the documents with tokens in it, found when asked
+    (a list per block would cost memory and time in proportion to blocks × documents)."""
+
+    def __init__(self, ends: np.ndarray, seq_len: int, blocks: int) -> None:
+        self.ends = ends  # where each document's EOS ends in the stream (exclusive)
+        self.seq_len = seq_len
+        self.blocks = blocks
+
+    def __len__(self) -> int:
+        return self.blocks
+
+    def __getitem__(self, block):
+        if isinstance(block, slice):
+            return [self[i] for i in range(*block.indices(self.blocks))]
+        if not 0 <= block < self.blocks:
+            raise IndexError(block)
+        first = int(np.searchsorted(self.ends, block * self.seq_len, side="right"))
+        last = int(np.searchsorted(self.ends, (block + 1) * self.seq_len - 1, side="right"))
+        return list(range(first, min(last, len(self.ends) - 1) + 1))
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Sequence) and list(self) == list(other)
+
+    __hash__ = None  # mutable-sequence semantics: compared by content, never hashed
 
 
 @dataclass
 class PackedBlocks:
     """N blocks of L tokens. `labels` None means every token is a target (plain text);
-    `position_ids` None means 0..L-1 in every block (one causal stream)."""
+    `position_ids` None means 0..L-1 in every block (one causal stream). `input_ids` may be a
+    read-only view of a memory-mapped token shard in its narrow integer type."""
 
-    input_ids: np.ndarray  # (N, L) int64
+    input_ids: np.ndarray  # (N, L) integer ids
     labels: np.ndarray | None
     position_ids: np.ndarray | None
-    members: list[list[int]]  # per block: indices of the documents/examples with tokens in it
+    members: Sequence[list[int]]  # per block: indices of the documents/examples with tokens in it
 
     def __len__(self) -> int:
         return int(self.input_ids.shape[0])
@@ -59,11 +90,18 @@ class PackedBlocks:
         )
 
     def digest(self) -> str:
+        """A hash of the blocks' ids, labels and positions as int64, read a few thousand blocks
+        at a time (a memory-mapped corpus is never widened into memory at once)."""
         digest = hashlib.sha256()
         for array in (self.input_ids, self.labels, self.position_ids):
-            if array is not None:
-                digest.update(np.ascontiguousarray(array, dtype=np.int64).tobytes())
+            if array is None:
+                continue
+            for start in range(0, len(array), DIGEST_BLOCKS):
+                digest.update(np.ascontiguousarray(array[start : start + DIGEST_BLOCKS], dtype=np.int64).tobytes())
         return digest.hexdigest()
+
+
+DIGEST_BLOCKS = 4096
 
 
 def concatenate_blocks(first: PackedBlocks, second: PackedBlocks) -> PackedBlocks:
@@ -77,7 +115,7 @@ def concatenate_blocks(first: PackedBlocks, second: PackedBlocks) -> PackedBlock
         np.concatenate([first.input_ids, second.input_ids]),
         labels,
         positions,
-        first.members + second.members,
+        list(first.members) + list(second.members),
     )
 
 
@@ -89,10 +127,15 @@ def concatenate_with_eos(documents: list[np.ndarray], eos_id: int) -> np.ndarray
     return np.concatenate([part for doc in documents for part in (doc.astype(np.int64), eos)])
 
 
-def pack_documents(documents: list[np.ndarray], eos_id: int, seq_len: int, keep_tail: bool = False) -> PackedBlocks:
+def pack_documents(documents: Sequence[np.ndarray], eos_id: int, seq_len: int, keep_tail: bool = False) -> PackedBlocks:
     """Blocks of exactly `seq_len` tokens of the EOS-separated stream. The shorter last block is kept
-    only with `keep_tail` (validation keeps it so every token is scored), padded with untrained EOS."""
-    stream = concatenate_with_eos(documents, eos_id)
+    only with `keep_tail` (validation keeps it so every token is scored), padded with untrained EOS.
+    A token shard separated by EOS is that stream already: its blocks are a view of the file."""
+    if isinstance(documents, TokenShard) and documents.separator == eos_id:
+        stream, ends = documents.stream, documents.ends
+    else:
+        stream = concatenate_with_eos(list(documents), eos_id)
+        ends = np.cumsum(np.asarray([len(doc) for doc in documents], dtype=np.int64) + 1)
     full = len(stream) // seq_len
     ids = stream[: full * seq_len].reshape(full, seq_len)
     labels = None
@@ -102,22 +145,16 @@ def pack_documents(documents: list[np.ndarray], eos_id: int, seq_len: int, keep_
         padded[: len(tail)] = tail
         tail_labels = padded.copy()
         tail_labels[len(tail) :] = IGNORE_INDEX
-        labels = np.concatenate([ids, tail_labels[None]])
-        ids = np.concatenate([ids, padded[None]])
-    lengths = [len(doc) for doc in documents]
-    members = [documents_in_blocks(lengths, seq_len, [block]) for block in range(len(ids))]
-    return PackedBlocks(ids, labels, None, members)
+        labels = np.concatenate([np.asarray(ids, dtype=np.int64), tail_labels[None]])
+        ids = np.concatenate([np.asarray(ids, dtype=np.int64), padded[None]])
+    return PackedBlocks(ids, labels, None, StreamMembers(ends, seq_len, len(ids)))
 
 
 def documents_in_blocks(document_lengths: list[int], seq_len: int, blocks: list[int]) -> list[int]:
     """Indices of the documents whose tokens (EOS included) fall in the given packed text blocks."""
     ends = np.cumsum(np.asarray(document_lengths, dtype=np.int64) + 1)
-    found: set[int] = set()
-    for block in blocks:
-        first = int(np.searchsorted(ends, block * seq_len, side="right"))
-        last = int(np.searchsorted(ends, (block + 1) * seq_len - 1, side="right"))
-        found.update(range(first, min(last, len(ends) - 1) + 1))
-    return sorted(found)
+    members = StreamMembers(ends, seq_len, max(blocks, default=-1) + 1)
+    return sorted({doc for block in blocks for doc in members[block]})
 
 
 def assign_best_fit(lengths: list[int], capacity: int) -> list[list[int]]:

@@ -1,21 +1,28 @@
-"""`lorafit prepare`: raw documents -> cleaned, de-duplicated, decontaminated train/valid JSONL."""
+"""`lorafit prepare`: raw documents -> cleaned, de-duplicated, decontaminated train/valid documents.
+
+Documents stream through: worker processes read and clean a part of the inputs at a time
+(corpus_work), and this process decides in input order — exact duplicate, near duplicate,
+contaminated, train or validation — so memory holds the duplicate indexes and a few parts in
+flight, never the corpus, and any number of workers decides as one does.
+"""
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from lorafit.config import DataSection
-from lorafit.data.clean import normalize_text
-from lorafit.data.decontaminate import drop_contaminated, excluded_ngrams
-from lorafit.data.dedup import drop_exact_duplicates, drop_near_duplicates
+from lorafit.data.corpus_work import CleanedDocument, CleaningSettings, clean_unit, plan_units, use_settings
+from lorafit.data.decontaminate import excluded_ngrams
+from lorafit.data.dedup import near_duplicate_index
+from lorafit.data.dedup_index import ExactKeys
 from lorafit.data.documents import Document, Problems, first_of
-from lorafit.data.readers import read_documents
+from lorafit.data.readers import find_files, read_documents
 from lorafit.data.split import split_documents
+from lorafit.data.work_pool import map_in_order, worker_count
 from lorafit.errors import DataError
-from lorafit.io import write_json_atomic, write_jsonl_atomic
 
 log = logging.getLogger(__name__)
 
@@ -35,6 +42,7 @@ class PrepareOptions:
     valid_ratio: float = _DATA.valid_ratio
     exclude: list[str] = field(default_factory=list)
     exclude_ngram: int = _DATA.exclude_ngram
+    workers: int = _DATA.workers  # processes that read and clean (0: one per available core)
     # How advice names a setting: config keys by default; `lorafit prepare` maps them to its options.
     setting_names: dict[str, str] = field(default_factory=dict)
 
@@ -50,31 +58,76 @@ class Prepared:
     problems: Problems
 
 
-def clean_documents(
-    documents: list[Document], min_chars: int, removed: dict[str, int], examples: dict[str, list[str]] | None = None
-) -> list[Document]:
-    """Normalised documents of at least `min_chars`; `examples` collects a few sources per removal."""
-    kept = []
-    for doc in documents:
-        text = normalize_text(doc.text)
-        reason = "empty" if not text else "too_short" if len(text) < min_chars else None
-        if reason is None:
-            kept.append(Document(text=text, source=doc.source))
-            continue
-        removed[reason] += 1
-        if examples is not None and len(examples.setdefault(reason, [])) < SHOWN_EXAMPLES:
-            examples[reason].append(f"{doc.source} ({len(text)} characters)")
-    return kept
+@dataclass
+class PrepareTally:
+    """What the stream met: removals by reason (with a few sources each), problems, documents."""
+
+    removed: dict[str, int] = field(default_factory=lambda: dict.fromkeys(REMOVAL_REASONS, 0))
+    examples: dict[str, list[str]] = field(default_factory=dict)
+    problems: Problems = field(default_factory=Problems)
+    documents_in: int = 0
+    kept: int = 0
+    index_bytes: int = 0  # the duplicate indexes' memory at the end
+
+    def remove(self, reason: str, document: CleanedDocument) -> None:
+        self.removed[reason] += 1
+        if len(self.examples.setdefault(reason, [])) < SHOWN_EXAMPLES:
+            self.examples[reason].append(f"{document.source} ({document.chars} characters)")
+
+
+# Called after each part of the input: (bytes read, documents read, documents kept so far).
+ProgressReport = Callable[[int, int, int], None]
+
+
+def kept_documents(
+    inputs: list[str], options: PrepareOptions, tally: PrepareTally, report: ProgressReport | None = None
+) -> Iterator[CleanedDocument]:
+    """The documents that survive cleaning, de-duplication and decontamination, in input order."""
+    units = plan_units(find_files(inputs))
+    banned = excluded_ngrams(options.exclude, options.exclude_ngram) if options.exclude else set()
+    settings = CleaningSettings(options.text_field, options.min_chars, banned, options.exclude_ngram)
+    exact, near = ExactKeys(), near_duplicate_index(options.near_dup_threshold)
+    try:
+        for result in map_in_order(clean_unit, units, worker_count(options.workers), use_settings, (settings,)):
+            tally.problems.items.extend(result.problems)
+            tally.removed["unreadable"] += sum(1 for p in result.problems if p.reason == "unreadable")
+            tally.documents_in += len(result.documents)
+            for document in result.documents:
+                reason = _removal(document, exact, near)
+                if reason is not None:
+                    tally.remove(reason, document)
+                    continue
+                tally.kept += 1
+                yield document
+            if report is not None:
+                report(result.size, len(result.documents), tally.kept)
+        tally.index_bytes = exact.nbytes() + near.nbytes()
+    finally:
+        near.close()
+    tally.documents_in += tally.removed["unreadable"]
+
+
+def _removal(document: CleanedDocument, exact: ExactKeys, near) -> str | None:
+    """Why the document goes (None: it stays). Each check records what passes it, in this order,
+    as removing all exact duplicates, then near duplicates, then contaminated documents would."""
+    if document.reason is not None:
+        return document.reason
+    if exact.add_unless_seen(document.exact_key):
+        return "exact_duplicate"
+    if near.add_unless_duplicate(document.signature):
+        return "near_duplicate"
+    if document.contaminated:
+        return "contaminated"
+    return None
 
 
 SHOWN_EXAMPLES = 3  # sources or problems quoted per cause when everything was rejected
 
 
-def nothing_left_error(
-    inputs: list[str], removed: dict[str, int], examples: dict[str, list[str]], problems: Problems, options
-) -> DataError:
+def nothing_left_error(inputs: list[str], tally: PrepareTally, options: PrepareOptions) -> DataError:
     """Why every document was rejected: each cause with its count, its first instances, and the
     fix, naming the setting as the user's command spells it."""
+    removed, examples, problems = tally.removed, tally.examples, tally.problems
     lines = [f"No documents left from {', '.join(inputs)}:"]
     if removed["unreadable"]:
         unreadable = [p for p in problems.items if p.reason == "unreadable"]
@@ -109,50 +162,30 @@ def nothing_left_error(
     return DataError("\n".join(lines))
 
 
-def prepare_documents(inputs: Iterable[str | Path], options: PrepareOptions) -> Prepared:
-    """Run the whole cleaning pipeline in memory; `write_prepared` puts the result on disk."""
-    problems = Problems()
-    inputs = [str(entry) for entry in inputs]
-    raw = read_documents(inputs, options.text_field, problems)
-    removed = dict.fromkeys(REMOVAL_REASONS, 0)
-    removed["unreadable"] = problems.count("unreadable")
-    examples: dict[str, list[str]] = {}
-    documents = clean_documents(raw, options.min_chars, removed, examples)
-    documents, removed["exact_duplicate"] = drop_exact_duplicates(documents)
-    documents, removed["near_duplicate"] = drop_near_duplicates(documents, options.near_dup_threshold)
-    if options.exclude:
-        banned = excluded_ngrams(options.exclude, options.exclude_ngram)
-        documents, removed["contaminated"] = drop_contaminated(documents, banned, options.exclude_ngram)
-    if not documents:
-        raise nothing_left_error(inputs, removed, examples, problems, options)
-    train, valid = split_documents(documents, options.valid_ratio)
-    stats = {
-        "documents_in": len(raw) + removed["unreadable"],
-        "documents_kept": len(documents),
-        "removed": removed,
-        "train_documents": len(train),
-        "valid_documents": len(valid),
-        "train_chars": sum(len(d.text) for d in train),
-        "valid_chars": sum(len(d.text) for d in valid),
+def prepare_stats(tally: PrepareTally, sides: dict[str, tuple[int, int]]) -> dict:
+    """stats.json's counts; `sides`: (documents, characters) of train and valid."""
+    return {
+        "documents_in": tally.documents_in,
+        "documents_kept": tally.kept,
+        "removed": dict(tally.removed),
+        "train_documents": sides["train"][0],
+        "valid_documents": sides["valid"][0],
+        "train_chars": sides["train"][1],
+        "valid_chars": sides["valid"][1],
     }
-    return Prepared(train=train, valid=valid, stats=stats, problems=problems)
 
 
-def add_token_counts(prepared: Prepared, count_tokens: Callable[[list[str]], int]) -> None:
-    prepared.stats["train_tokens"] = count_tokens([d.text for d in prepared.train])
-    prepared.stats["valid_tokens"] = count_tokens([d.text for d in prepared.valid])
-
-
-def write_prepared(prepared: Prepared, out_dir: Path) -> dict[str, Path]:
-    """Write train.jsonl, valid.jsonl and stats.json (each atomically)."""
-    out_dir.mkdir(parents=True, exist_ok=True)
-    paths = {"train": out_dir / "train.jsonl", "valid": out_dir / "valid.jsonl", "stats": out_dir / "stats.json"}
-    write_jsonl_atomic(paths["train"], ({"text": d.text, "source": d.source} for d in prepared.train))
-    write_jsonl_atomic(paths["valid"], ({"text": d.text, "source": d.source} for d in prepared.valid))
-    stats = dict(prepared.stats)
-    stats["problems"] = prepared.problems.records()
-    write_json_atomic(paths["stats"], stats)
-    return paths
+def prepare_documents(inputs: Iterable[str | Path], options: PrepareOptions) -> Prepared:
+    """The whole cleaning pipeline with its result in memory (for inputs that fit: evaluation
+    files); `prepared_folder.prepare_to_folder` streams a corpus of any size to disk instead."""
+    inputs = [str(entry) for entry in inputs]
+    tally = PrepareTally()
+    documents = [Document(text=d.text, source=d.source) for d in kept_documents(inputs, options, tally)]
+    if not documents:
+        raise nothing_left_error(inputs, tally, options)
+    train, valid = split_documents(documents, options.valid_ratio)
+    sides = {name: (len(docs), sum(len(d.text) for d in docs)) for name, docs in (("train", train), ("valid", valid))}
+    return Prepared(train=train, valid=valid, stats=prepare_stats(tally, sides), problems=tally.problems)
 
 
 def load_prepared_jsonl(

@@ -86,8 +86,11 @@ def pdf_text(path: Path) -> str:
     return "\n\n".join((page.extract_text() or "") for page in reader.pages)
 
 
-def read_jsonl(path: Path, text_field: str, problems: Problems) -> Iterator[Document]:
-    for where, record in iter_records(path, problems):
+def read_jsonl(
+    path: Path, text_field: str, problems: Problems, start: int = 0, end: int | None = None, first_line: int = 1
+) -> Iterator[Document]:
+    """Documents of a JSONL file (or of its lines from byte `start` to `end`, see iter_records)."""
+    for where, record in iter_records(path, problems, start, end, first_line):
         text = record.get(text_field)
         if not isinstance(text, str):
             found = ", ".join(sorted(map(str, record))) or "none"

@@ -1,15 +1,14 @@
-"""Batched tokenization with an on-disk cache keyed by the texts and the tokenizer."""
+"""Batched tokenization into token shards cached on disk by the texts and the tokenizer."""
 
 from __future__ import annotations
 
 import hashlib
-import io
 from pathlib import Path
 
 import numpy as np
 
+from lorafit.data.token_shards import ShardWriter, TextsFingerprint, TokenShard, open_shard, shard_key, token_dtype
 from lorafit.home import lorafit_home
-from lorafit.io import write_bytes_atomic
 
 BATCH_DOCUMENTS = 64
 
@@ -21,13 +20,9 @@ def tokenizer_fingerprint(tokenizer) -> str:
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 
-def texts_fingerprint(texts: list[str]) -> str:
-    digest = hashlib.sha256()
-    for text in texts:
-        data = text.encode("utf-8")
-        digest.update(len(data).to_bytes(8, "little"))
-        digest.update(data)
-    return digest.hexdigest()
+def shard_separator(tokenizer) -> int:
+    """The id between texts in a token shard: end-of-sequence, the separator packing uses."""
+    return tokenizer.eos_token_id if tokenizer.eos_token_id is not None else 0
 
 
 def tokenize_texts(texts: list[str], tokenizer) -> list[np.ndarray]:
@@ -40,27 +35,39 @@ def tokenize_texts(texts: list[str], tokenizer) -> list[np.ndarray]:
     return out
 
 
-def tokenize_cached(texts: list[str], tokenizer, cache_dir: Path | None = None) -> list[np.ndarray]:
-    """`tokenize_texts`, memoised on disk by (texts, tokenizer) so reruns skip tokenization."""
+def cached_shard_folder(texts_fingerprint: str, tokenizer, cache_dir: Path | None = None) -> Path:
+    """Where the shard of texts with this fingerprint, tokenized by `tokenizer`, is cached."""
     cache_dir = cache_dir or lorafit_home() / "tokens"
-    key = hashlib.sha256(f"{texts_fingerprint(texts)}:{tokenizer_fingerprint(tokenizer)}".encode()).hexdigest()
-    path = cache_dir / f"{key[:32]}.npz"
-    if path.is_file():
-        with np.load(path) as cached:
-            ids, offsets = cached["ids"], cached["offsets"]
-        return [ids[offsets[i] : offsets[i + 1]] for i in range(len(offsets) - 1)]
-    tokenized = tokenize_texts(texts, tokenizer)
-    offsets = np.zeros(len(tokenized) + 1, dtype=np.int64)
-    np.cumsum([len(t) for t in tokenized], out=offsets[1:])
-    ids = np.concatenate(tokenized) if tokenized else np.zeros(0, dtype=np.int32)
-    buffer = io.BytesIO()
-    np.savez(buffer, ids=ids, offsets=offsets)
-    write_bytes_atomic(path, buffer.getvalue())
-    return tokenized
+    return cache_dir / shard_key(texts_fingerprint, tokenizer_fingerprint(tokenizer), shard_separator(tokenizer))
+
+
+def shard_writer(folder: Path, tokenizer) -> ShardWriter:
+    return ShardWriter(folder, token_dtype(len(tokenizer)), shard_separator(tokenizer))
+
+
+def tokenize_cached(texts: list[str], tokenizer, cache_dir: Path | None = None) -> TokenShard:
+    """`tokenize_texts` as a memory-mapped token shard, cached on disk by (texts, tokenizer) so
+    reruns (and `lorafit prepare`'s own shards) skip tokenization."""
+    fingerprint = TextsFingerprint()
+    for text in texts:
+        fingerprint.add(text)
+    folder = cached_shard_folder(fingerprint.hexdigest(), tokenizer, cache_dir)
+    shard = open_shard(folder)
+    if shard is not None:
+        return shard
+    writer = shard_writer(folder, tokenizer)
+    try:
+        for start in range(0, len(texts), BATCH_DOCUMENTS):
+            for ids in tokenize_texts(texts[start : start + BATCH_DOCUMENTS], tokenizer):
+                writer.append(ids)
+    except BaseException:
+        writer.abandon()
+        raise
+    return writer.finish()
 
 
 def count_tokens(texts: list[str], tokenizer) -> int:
-    return int(sum(len(ids) for ids in tokenize_cached(texts, tokenizer)))
+    return tokenize_cached(texts, tokenizer).tokens
 
 
 CONTINUATION_ANCHOR = "\n"

@@ -96,7 +96,7 @@ def prepare_run_inputs(
     ref = resolve_base(config.model.base)
     check_seq_len(train.seq_len, load_model_config(ref))  # before any expensive work
     tokenizer = load_tokenizer(ref)
-    documents = load_run_documents(config.data, folder.data)
+    documents = load_run_documents(config.data, folder.data, tokenizer)
     # Instruction data and task evaluation render prompts with one template, chosen (and checked) here.
     template = (
         resolve_chat_template(tokenizer, config.data.chat_template)

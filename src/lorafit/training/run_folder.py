@@ -90,6 +90,10 @@ def keep_metrics_up_to(path: Path, step: int, lines: int | None = None) -> None:
     write_text_atomic(path, "".join(line + "\n" for line in kept))
 
 
+# Settings that change how fast the inputs are made, never what they are: a run may resume with another.
+SAME_RESULT_KEYS = {"data.workers"}
+
+
 def input_fingerprints(
     config: RunConfig, train_blocks: PackedBlocks, valid_blocks: PackedBlocks, base_fingerprint: str
 ) -> dict:
@@ -99,6 +103,7 @@ def input_fingerprints(
         for section, values in config.model_dump(mode="json").items()
         if isinstance(values, dict)
         for key, value in values.items()
+        if f"{section}.{key}" not in SAME_RESULT_KEYS
     }
     return {
         "config": flat,

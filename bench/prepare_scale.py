@@ -122,12 +122,17 @@ def run_measured(command: list[str], env: dict) -> tuple[float, int, subprocess.
     return seconds, peak, result
 
 
-def prepare(work: Path, inputs: Path, name: str, workers: int, extra: list[str] = ()) -> dict:
+def prepare(work: Path, inputs: Path, name: str, workers: int, extra: list[str] = (), one_core: bool = False) -> dict:
+    """`lorafit prepare` in its own process; `one_core`: without the tokenizer's own threads (which
+    run on every core), so that one worker is one core."""
     home = fresh_home(work, name)
     out = work / "prepared" / name
     command = [sys.executable, "-m", "lorafit.cli", "prepare", str(inputs), "--out", str(out), "--overwrite"]
     command += ["--workers", str(workers), *extra]
-    seconds, peak, _ = run_measured(command, {**os.environ, "LORAFIT_HOME": str(home)})
+    env = {**os.environ, "LORAFIT_HOME": str(home)}
+    if one_core:
+        env["TOKENIZERS_PARALLELISM"] = "false"
+    seconds, peak, _ = run_measured(command, env)
     stats = json.loads((out / "stats.json").read_text())
     return {"seconds": seconds, "peak_rss": peak, "stats": stats, "out": out, "home": home}
 
@@ -182,12 +187,88 @@ def train_speed(work: Path, prepared: dict, mode: str, steps: int, home: Path) -
     return {"tokens_per_s": statistics.median(speeds), "peak_rss": peak, "seconds": seconds}
 
 
+def index_memory(documents: int) -> tuple[float, float]:
+    """Bytes per million documents: lorafit's two duplicate indexes (random signatures, so every
+    document is kept and indexed), and the in-memory pipeline's (datasketch MinHashLSH with the
+    signatures kept for confirmation) on a tenth as many. RSS growth of this process, in bytes."""
+    import gc
+
+    import numpy as np
+    from datasketch import MinHash, MinHashLSH
+
+    from lorafit.data.dedup import NUM_PERM, near_duplicate_index
+    from lorafit.data.dedup_index import ExactKeys
+
+    rng = np.random.default_rng(0)
+    me = psutil.Process()
+    gc.collect()
+    before = me.memory_info().rss
+    exact, near = ExactKeys(), near_duplicate_index(0.8)
+    for start in range(0, documents, 10_000):
+        signatures = rng.integers(0, 2**32 - 1, size=(10_000, NUM_PERM), dtype=np.uint32)
+        for row, signature in enumerate(signatures):
+            near.add_unless_duplicate(signature)
+            exact.add_unless_seen(int(rng.integers(0, 2**63)) + start + row)
+    ours = (me.memory_info().rss - before) / documents * 1e6
+    near.close()
+    del exact, near
+    gc.collect()
+    before = me.memory_info().rss
+    lsh, kept, fewer = MinHashLSH(threshold=0.8, num_perm=NUM_PERM), {}, documents // 10
+    for number in range(fewer):
+        signature = MinHash(num_perm=NUM_PERM, seed=1)  # as the in-memory pipeline made them
+        signature.update_batch([f"{number} {k}".encode() for k in range(8)])
+        lsh.insert(str(number), signature)
+        kept[str(number)] = signature
+    theirs = (me.memory_info().rss - before) / fewer * 1e6
+    return ours, theirs
+
+
+def batch_read_seconds(work: Path, rounds: int = 2000) -> tuple[float, float]:
+    """Seconds to take one 4 x 512 batch from the 10M corpus's token shard, and from the same
+    blocks copied into memory (the step's only difference between the two paths)."""
+    import numpy as np
+    import torch
+
+    from lorafit.compute.batches import BlockStream, BlockTensors
+    from lorafit.data.pack import pack_documents
+    from lorafit.data.prepare import load_prepared_jsonl
+    from lorafit.data.tokenize import tokenize_cached
+    from lorafit.model.load import load_tokenizer, resolve_base
+
+    os.environ["LORAFIT_HOME"] = str(work / "homes" / "10M-2w")  # where that prepare left its shards
+    tokenizer = load_tokenizer(resolve_base(""))
+    documents, _ = load_prepared_jsonl([work / "prepared" / "10M-2w" / "train.jsonl"])
+    blocks = pack_documents(tokenize_cached([d.text for d in documents], tokenizer), tokenizer.eos_token_id, 512)
+    shard = BlockTensors.from_packed(blocks)
+    memory = BlockTensors(np.array(blocks.input_ids, dtype=np.int64), None, None)
+    timings = []
+    for tensors in (shard, memory):
+        stream = BlockStream(num_blocks=len(tensors), batch_size=4, seed=0)
+        began = time.perf_counter()
+        for _ in range(rounds):
+            tensors.batch(stream.next_indices(), torch.device("cpu"))
+        timings.append((time.perf_counter() - began) / rounds)
+    return timings[0], timings[1]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--sizes", default="10,30,100", help="corpus sizes in millions of tokens")
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--work", type=Path, default=Path("/tmp/lorafit-prepare-scale"))
+    parser.add_argument("--index-documents", type=int, default=0, help="only measure the indexes' memory")
     args = parser.parse_args()
+    if args.index_documents:
+        ours, theirs = index_memory(args.index_documents)
+        print(
+            f"duplicate indexes, {args.index_documents:,} documents: {ours / 2**20:,.0f} MiB per million documents "
+            f"(datasketch MinHashLSH + kept signatures: {theirs / 2**20:,.0f} MiB per million)"
+        )
+        if (args.work / "prepared" / "10M-2w" / "train.jsonl").is_file():
+            shard, memory = batch_read_seconds(args.work)
+            print(f"taking a 4 x 512 batch: {shard * 1e6:,.0f} us from the shard, {memory * 1e6:,.0f} us from memory")
+        return
     args.work.mkdir(parents=True, exist_ok=True)
     sizes = [int(s) for s in args.sizes.split(",")]
     import torch
@@ -232,14 +313,17 @@ def main() -> None:
         )
 
     first = min(sizes)
-    one = prepare(args.work, args.work / f"corpus-{first}M.jsonl", f"{first}M-1w", 1)
-    jsonl_speedup = (one["seconds"] - startup) / (results[first]["seconds"] - startup)
+    one = prepare(args.work, args.work / f"corpus-{first}M.jsonl", f"{first}M-1w", 1, one_core=True)
+    threaded = prepare(args.work, args.work / f"corpus-{first}M.jsonl", f"{first}M-1w-threads", 1)
+    two_net = results[first]["seconds"] - startup
+    jsonl_speedup = (one["seconds"] - startup) / two_net
     print(
-        f"{first}M corpus: 1 worker {one['seconds']:.0f} s, 2 workers {results[first]['seconds']:.0f} s: "
-        f"{jsonl_speedup:.2f}x without start-up"
+        f"{first}M corpus: 1 worker (one core) {one['seconds']:.0f} s, 2 workers {results[first]['seconds']:.0f} s: "
+        f"{jsonl_speedup:.2f}x without start-up; 1 worker with the tokenizer's threads on both cores "
+        f"{threaded['seconds']:.0f} s ({(threaded['seconds'] - startup) / two_net:.2f}x)"
     )
     html = DATA / "html"
-    html_one = prepare(args.work, html, "html-1w", 1)
+    html_one = prepare(args.work, html, "html-1w", 1, one_core=True)
     html_two = prepare(args.work, html, "html-2w", 2)
     html_speedup = (html_one["seconds"] - startup) / (html_two["seconds"] - startup)
     print(
@@ -248,10 +332,17 @@ def main() -> None:
     )
 
     home = results[first]["home"]  # holds the shards this corpus's prepare wrote
-    speeds = {mode: train_speed(args.work, results[first], mode, args.steps, home) for mode in ("shard", "memory")}
-    for mode, speed in speeds.items():
-        print(f"train {args.steps} steps from {mode}: {speed['tokens_per_s']:,.0f} tokens/s (median of steps 3+), "
-              f"peak RSS {speed['peak_rss'] / 2**20:,.0f} MiB")  # fmt: skip
+    # Alternated (shard, memory, shard, memory) so a machine that speeds up or slows down affects both.
+    runs = [(mode, train_speed(args.work, results[first], mode, args.steps, home)) for mode in ("shard", "memory") * 2]
+    speeds = {}
+    for mode in ("shard", "memory"):
+        mine = [speed for name, speed in runs if name == mode]
+        speeds[mode] = {"tokens_per_s": statistics.median(s["tokens_per_s"] for s in mine)}
+        print(
+            f"train {args.steps} steps from {mode}: "
+            + ", ".join(f"{s['tokens_per_s']:,.0f}" for s in mine)
+            + f" tokens/s (median of steps 3+ per run), peak RSS {max(s['peak_rss'] for s in mine) / 2**20:,.0f} MiB"
+        )
     growth = results[max(sizes)]["peak_rss"] / results[first]["peak_rss"]
     ratio = speeds["shard"]["tokens_per_s"] / speeds["memory"]["tokens_per_s"]
     print(

@@ -286,3 +286,42 @@ def test_a_run_on_prepared_shards_killed_and_resumed_equals_an_uninterrupted_one
     a = load_file(str(whole / "adapter" / "adapter_model.safetensors"))
     b = load_file(str(broken / "adapter" / "adapter_model.safetensors"))
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_killed_prepare_leaves_no_workers_and_no_output(tmp_path, tiny_model_dir):
+    import os
+    import subprocess
+    import sys
+    import time
+
+    import psutil
+
+    rng = random.Random(5)
+    corpus = write_jsonl(tmp_path / "big.jsonl", [{"text": _paragraph(rng, 400)} for _ in range(6000)])
+    out = tmp_path / "out"
+    env = {**os.environ, "LORAFIT_HOME": str(tmp_path / "lorafit-home")}
+    command = [sys.executable, "-m", "lorafit.cli", "prepare", str(corpus), "--out", str(out)]
+    process = subprocess.Popen(
+        [*command, "--base", str(tiny_model_dir), "--workers", "2"],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    parent = psutil.Process(process.pid)
+    deadline = time.monotonic() + 60
+    while len(parent.children()) < 2 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    workers = parent.children()
+    assert len(workers) >= 2, "the workers never started"
+    process.kill()
+    process.wait()
+    _, alive = psutil.wait_procs(workers, timeout=10)
+    running = []
+    for worker in alive:  # a dead worker nobody has reaped yet (a zombie) is gone too
+        try:
+            if worker.status() != psutil.STATUS_ZOMBIE:
+                running.append(worker)
+        except psutil.NoSuchProcess:
+            pass
+    assert not running, f"workers outlived the killed command: {running}"
+    assert not (out / "train.jsonl").exists() and not (out / "stats.json").exists()

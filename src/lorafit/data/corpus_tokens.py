@@ -15,7 +15,7 @@ from lorafit.data.token_shards import TokenShard, open_shard, token_dtype
 from lorafit.data.tokenize import cached_shard_folder, shard_writer, tokenize_texts
 from lorafit.data.work_pool import map_in_order
 
-TOKENIZE_PART_BYTES = 2 << 20
+TOKENIZE_PART_BYTES = 1 << 20
 
 _tokenizer = None
 

@@ -19,7 +19,7 @@ from lorafit.data.documents import Document, Problem, Problems
 from lorafit.data.readers import read_file, read_jsonl
 from lorafit.data.records import line_ranges
 
-JSONL_PART_BYTES = 4 << 20  # a worker's share of a large JSONL file
+JSONL_PART_BYTES = 1 << 20  # a worker's share of a large JSONL file
 
 
 @dataclass(frozen=True)

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
-from lorafit.io import STAGING_PREFIX, staging_prefix
+from lorafit.io import staging_prefix
 
 TOKENS_FILE = "tokens.bin"
 OFFSETS_FILE = "offsets.npy"
@@ -153,7 +153,3 @@ class ShardWriter:
     def abandon(self) -> None:
         self._tokens.close()
         shutil.rmtree(self._staging, ignore_errors=True)
-
-
-def is_staging(path: Path) -> bool:
-    return path.name.startswith(STAGING_PREFIX)

@@ -19,7 +19,7 @@ from typing import TypeVar
 Unit = TypeVar("Unit")
 Result = TypeVar("Result")
 
-UNITS_IN_FLIGHT_PER_WORKER = 3
+UNITS_IN_FLIGHT_PER_WORKER = 8
 
 
 def available_cores() -> int:
@@ -37,7 +37,24 @@ def worker_count(asked: int) -> int:
     return asked if asked > 0 else available_cores()
 
 
-def _start_worker(setup: Callable[..., None] | None, arguments: tuple) -> None:
+def _die_with(parent: int) -> None:
+    """Linux: the kernel kills this worker when the main process dies. A main process killed with
+    SIGKILL cannot stop its workers, and they would wait on the work queue forever."""
+    try:
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    except (OSError, AttributeError):  # not Linux: the pool's own clean-up is all there is
+        return
+    if os.getppid() != parent:  # it died before the request took effect
+        os._exit(1)
+
+
+PR_SET_PDEATHSIG = 1
+
+
+def _start_worker(parent: int, setup: Callable[..., None] | None, arguments: tuple) -> None:
+    _die_with(parent)
     # A forked worker inherits the command's signal handlers (a graceful stop on SIGTERM): it must
     # die on SIGTERM instead, and leave Ctrl-C to the main process, which stops the pool.
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
@@ -67,7 +84,7 @@ def map_in_order(
         workers,
         mp_context=multiprocessing.get_context("fork"),
         initializer=_start_worker,
-        initargs=(setup, setup_arguments),
+        initargs=(os.getpid(), setup, setup_arguments),
     )
     try:
         pending: deque = deque()

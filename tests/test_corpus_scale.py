@@ -288,7 +288,7 @@ def test_a_run_on_prepared_shards_killed_and_resumed_equals_an_uninterrupted_one
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_a_killed_prepare_leaves_no_workers_and_no_output(tmp_path, tiny_model_dir):
+def test_a_killed_prepare_leaves_no_workers_and_the_previous_output_whole(tmp_path, tiny_model_dir):
     import os
     import subprocess
     import sys
@@ -300,7 +300,11 @@ def test_a_killed_prepare_leaves_no_workers_and_no_output(tmp_path, tiny_model_d
     corpus = write_jsonl(tmp_path / "big.jsonl", [{"text": _paragraph(rng, 400)} for _ in range(6000)])
     out = tmp_path / "out"
     env = {**os.environ, "LORAFIT_HOME": str(tmp_path / "lorafit-home")}
-    command = [sys.executable, "-m", "lorafit.cli", "prepare", str(corpus), "--out", str(out)]
+    small = write_jsonl(tmp_path / "small.jsonl", [json.loads(line) for line in corpus.read_text().splitlines()[:30]])
+    earlier = lorafit("prepare", str(small), "--out", str(out), "--base", str(tiny_model_dir))
+    assert earlier.returncode == 0, earlier.stdout + earlier.stderr
+    before = {name: (out / name).read_bytes() for name in ("train.jsonl", "valid.jsonl", "stats.json")}
+    command = [sys.executable, "-m", "lorafit.cli", "prepare", str(corpus), "--out", str(out), "--overwrite"]
     process = subprocess.Popen(
         [*command, "--base", str(tiny_model_dir), "--workers", "2"],
         env=env,
@@ -324,4 +328,4 @@ def test_a_killed_prepare_leaves_no_workers_and_no_output(tmp_path, tiny_model_d
         except psutil.NoSuchProcess:
             pass
     assert not running, f"workers outlived the killed command: {running}"
-    assert not (out / "train.jsonl").exists() and not (out / "stats.json").exists()
+    assert {name: (out / name).read_bytes() for name in before} == before  # nothing half-replaced

@@ -58,10 +58,6 @@ class KeyTable:
         self._keys, self._values = keys[order], values[order]
         self._recent, self._recent_count = {}, 0
 
-    def nbytes(self) -> int:
-        """Memory held: the arrays, and the dict of recent adds at ~120 bytes per entry."""
-        return self._keys.nbytes + self._values.nbytes + 120 * self._recent_count
-
 
 class SignatureFile:
     """Fixed-size signatures by document number in an unlinked temporary file."""
@@ -131,10 +127,6 @@ class NearDuplicateIndex:
             table.add(key, number)
         return False
 
-    def nbytes(self) -> int:
-        """Memory the index holds (the signatures are on disk)."""
-        return sum(table.nbytes() for table in self._tables)
-
     def close(self) -> None:
         if self._signatures is not None:
             self._signatures.close()
@@ -152,6 +144,3 @@ class ExactKeys:
             return True
         self._table.add(key, 0)
         return False
-
-    def nbytes(self) -> int:
-        return self._table.nbytes()

@@ -67,7 +67,6 @@ class PrepareTally:
     problems: Problems = field(default_factory=Problems)
     documents_in: int = 0
     kept: int = 0
-    index_bytes: int = 0  # the duplicate indexes' memory at the end
 
     def remove(self, reason: str, document: CleanedDocument) -> None:
         self.removed[reason] += 1
@@ -101,7 +100,6 @@ def kept_documents(
                 yield document
             if report is not None:
                 report(result.size, len(result.documents), tally.kept)
-        tally.index_bytes = exact.nbytes() + near.nbytes()
     finally:
         near.close()
     tally.documents_in += tally.removed["unreadable"]

@@ -2,8 +2,9 @@
 decided, then tokenized by the worker processes into memory-mapped shards in the token cache
 (where training finds them), and stats.json is written last.
 
-The files are written under temporary names and renamed when complete, so an interrupted prepare
-leaves the previous output (or none), never a cut file.
+The files are written under temporary names and renamed together once everything (tokenizing
+included) is done, so an interrupted prepare leaves the previous output whole (or none), never a
+cut file or a mix of two runs.
 """
 
 from __future__ import annotations
@@ -30,7 +31,6 @@ class PreparedFolder:
     paths: dict[str, Path]  # train, valid, stats
     stats: dict
     problems: Problems
-    index_bytes: int = 0  # memory the duplicate indexes held at the end
 
 
 @dataclass
@@ -97,26 +97,33 @@ def prepare_to_folder(
         _write_documents(inputs, options, tally, files, report)
         for side_file in files.values():
             side_file.close()
+        stats = prepare_stats(tally, {side: (files[side].documents, files[side].chars) for side in SIDES})
+        if tokenizer is not None:
+            stats.update(_tokenize(files, tokenizer, worker_count(options.workers), report))
+        # Renamed together at the end: an interrupted prepare leaves the previous output whole.
+        for side_file in files.values():
             os.replace(side_file.partial, side_file.path)
+        write_json_atomic(paths["stats"], {**stats, "problems": tally.problems.records()})
     finally:
         for side_file in files.values():
             side_file.close()
             side_file.partial.unlink(missing_ok=True)
-    sides = {side: (files[side].documents, files[side].chars) for side in SIDES}
-    stats = prepare_stats(tally, sides)
-    if tokenizer is not None:
-        workers = worker_count(options.workers)
-        for side in SIDES:
-            shard = tokenize_prepared_file(
-                paths[side],
-                files[side].fingerprint.hexdigest(),
-                tokenizer,
-                workers,
-                None if report is None else lambda texts, tokens: report("tokenize", texts=texts, tokens=tokens),
-            )
-            stats[f"{side}_tokens"] = shard.tokens
-    write_json_atomic(paths["stats"], {**stats, "problems": tally.problems.records()})
-    return PreparedFolder(paths=paths, stats=stats, problems=tally.problems, index_bytes=tally.index_bytes)
+    return PreparedFolder(paths=paths, stats=stats, problems=tally.problems)
+
+
+def _tokenize(files: dict[str, SideFile], tokenizer, workers: int, report: Report | None) -> dict[str, int]:
+    """Both written files tokenized into cached shards; their token counts."""
+    counts = {}
+    for side, side_file in files.items():
+        shard = tokenize_prepared_file(
+            side_file.partial,
+            side_file.fingerprint.hexdigest(),
+            tokenizer,
+            workers,
+            None if report is None else lambda texts, tokens: report("tokenize", texts=texts, tokens=tokens),
+        )
+        counts[f"{side}_tokens"] = shard.tokens
+    return counts
 
 
 def _write_documents(

@@ -329,3 +329,14 @@ def test_a_killed_prepare_leaves_no_workers_and_the_previous_output_whole(tmp_pa
             pass
     assert not running, f"workers outlived the killed command: {running}"
     assert {name: (out / name).read_bytes() for name in before} == before  # nothing half-replaced
+
+
+def test_a_shard_left_half_written_by_a_dead_process_is_swept(tmp_path, tiny_model_dir, isolated_home):
+    from transformers import AutoTokenizer
+
+    dead = 2**22 + 12345  # above the default pid_max: no such process
+    stale = isolated_home / "tokens" / f".lorafit-tmp-{dead}-abc-shard"
+    stale.mkdir(parents=True)
+    (stale / "tokens.bin").write_bytes(b"\0" * 10)
+    shard = tokenize_cached(["some text"], AutoTokenizer.from_pretrained(tiny_model_dir))
+    assert len(shard) == 1 and not stale.exists()

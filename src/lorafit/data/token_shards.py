@@ -26,6 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from lorafit.io import staging_prefix
+from lorafit.outputs import sweep_stale
 
 TOKENS_FILE = "tokens.bin"
 OFFSETS_FILE = "offsets.npy"
@@ -121,6 +122,7 @@ class ShardWriter:
         self.dtype = dtype
         self.separator = separator
         folder.parent.mkdir(parents=True, exist_ok=True)
+        sweep_stale(folder.parent)  # shards a killed process left half-written
         self._staging = folder.with_name(f"{staging_prefix(folder.name)}shard")
         shutil.rmtree(self._staging, ignore_errors=True)  # this process's own leftover
         self._staging.mkdir()

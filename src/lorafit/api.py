@@ -104,9 +104,7 @@ def prepare(
     tokenizer = load_tokenizer(resolve_base(base))
     with output_folder(out, "prepared", "lorafit prepare"), prepare_progress(console, input_bytes) as report:
         prepared = prepare_to_folder([str(p) for p in paths_in], options, out, tokenizer, report)
-    return PrepareResult(
-        out_dir=out, paths=prepared.paths, stats=prepared.stats, problems=prepared.problems.records()
-    )
+    return PrepareResult(out_dir=out, paths=prepared.paths, stats=prepared.stats, problems=prepared.problems.records())
 
 
 def train(

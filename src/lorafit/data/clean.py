@@ -32,6 +32,11 @@ def canonical_text(text: str) -> str:
     return " ".join(text.casefold().split())
 
 
+def exact_digest(text: str) -> bytes:
+    """SHA-256 that equates texts differing only in case and whitespace."""
+    return hashlib.sha256(canonical_text(text).encode("utf-8")).digest()
+
+
 def exact_key(text: str) -> str:
-    """Hash that equates texts differing only in case and whitespace."""
-    return hashlib.sha256(canonical_text(text).encode("utf-8")).hexdigest()
+    """Hash that equates texts differing only in case and whitespace (hex)."""
+    return exact_digest(text).hex()

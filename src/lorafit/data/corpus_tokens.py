@@ -18,20 +18,20 @@ from lorafit.data.work_pool import map_in_order
 TOKENIZE_PART_BYTES = 1 << 20
 
 _tokenizer = None
+_dtype: np.dtype | None = None  # the shard's id type, decided by the vocabulary once
 
 
 def use_tokenizer(tokenizer) -> None:
     """Set in each worker (inherited when forked) before any unit is tokenized."""
-    global _tokenizer
-    _tokenizer = tokenizer
+    global _tokenizer, _dtype
+    _tokenizer, _dtype = tokenizer, token_dtype(len(tokenizer))
 
 
 def tokenize_unit(unit: WorkUnit) -> list[np.ndarray]:
     """The token ids of the unit's records' 'text', in the shard's narrow type (half the bytes to
     hand back to the main process)."""
     texts = [d.text for d in read_jsonl(Path(unit.path), "text", Problems(), unit.start, unit.end, unit.first_line)]
-    dtype = token_dtype(len(_tokenizer))
-    return [ids.astype(dtype) for ids in tokenize_texts(texts, _tokenizer)]
+    return [ids.astype(_dtype) for ids in tokenize_texts(texts, _tokenizer)]
 
 
 def tokenize_prepared_file(

@@ -6,18 +6,18 @@ decides in input order, so any number of workers gives the same output as one.
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from lorafit.data.clean import canonical_text, normalize_text
+from lorafit.data.clean import exact_digest, normalize_text
 from lorafit.data.decontaminate import is_contaminated
 from lorafit.data.dedup import minhash_signature
 from lorafit.data.documents import Document, Problem, Problems
 from lorafit.data.readers import read_file, read_jsonl
 from lorafit.data.records import line_ranges
+from lorafit.data.split import position_of_digest
 
 JSONL_PART_BYTES = 1 << 20  # a worker's share of a large JSONL file
 
@@ -98,14 +98,13 @@ def clean_document(document: Document, settings: CleaningSettings) -> CleanedDoc
     reason = "empty" if not text else "too_short" if len(text) < settings.min_chars else None
     if reason is not None:
         return CleanedDocument(source=document.source, text="", chars=len(text), reason=reason)
-    digest = hashlib.sha256(canonical_text(text).encode("utf-8")).digest()
+    digest = exact_digest(text)
     return CleanedDocument(
         source=document.source,
         text=text,
         chars=len(text),
         exact_key=int.from_bytes(digest[:8], "big"),
-        # The first 15 hex digits of the digest, as the split of instruction examples reads them.
-        split_position=(int.from_bytes(digest[:8], "big") >> 4) / 16**15,
+        split_position=position_of_digest(digest),
         signature=minhash_signature(text),
         contaminated=is_contaminated(text, settings.banned_ngrams, settings.exclude_ngram),
     )

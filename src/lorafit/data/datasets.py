@@ -91,8 +91,7 @@ def _read_text(
     problems.items.extend(written.problems.items)
     train = load_prepared_jsonl([written.paths["train"]])[0]
     valid = load_prepared_jsonl([written.paths["valid"]])[0]
-    stats = {key: value for key, value in written.stats.items() if not key.endswith("_tokens")}
-    return train, valid, stats
+    return train, valid, written.stats
 
 
 def _read_instructions(

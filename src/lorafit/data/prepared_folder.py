@@ -47,7 +47,11 @@ class SideFile:
         self.handle = self.partial.open("wb")
 
     def write(self, text: str, source: str) -> None:
-        self.handle.write((to_json({"text": text, "source": source}) + "\n").encode("utf-8"))
+        self.write_line((to_json({"text": text, "source": source}) + "\n").encode("utf-8"), text)
+
+    def write_line(self, line: bytes, text: str) -> None:
+        """A record already encoded (`line`, whose text is `text`), counted and fingerprinted."""
+        self.handle.write(line)
         self.fingerprint.add(text)
         self.documents += 1
         self.chars += len(text)
@@ -154,11 +158,7 @@ def _hold_out(lowest: tuple[float, int, CleanedDocument], files: dict[str, SideF
     with written.open("rb") as lines:
         for number, line in enumerate(lines):
             if number != line_number:
-                rewritten.handle.write(line)
-                record = _line_text(line)
-                rewritten.fingerprint.add(record)
-                rewritten.documents += 1
-                rewritten.chars += len(record)
+                rewritten.write_line(line, _line_text(line))
     written.unlink()
     files["train"] = rewritten
     files["valid"].write(document.text, document.source)
@@ -170,11 +170,7 @@ def _keep_single_in_train(files: dict[str, SideFile]) -> None:
     valid.close()
     line = valid.partial.read_bytes()
     files["valid"] = SideFile(valid.path)  # empty again
-    train, text = files["train"], _line_text(line)
-    train.handle.write(line)
-    train.fingerprint.add(text)
-    train.documents += 1
-    train.chars += len(text)
+    files["train"].write_line(line, _line_text(line))
 
 
 def _line_text(line: bytes) -> str:

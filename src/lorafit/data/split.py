@@ -4,13 +4,18 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from lorafit.data.clean import exact_key
+from lorafit.data.clean import exact_digest
 from lorafit.data.documents import HasText, Item
 
 
 def split_position(item: HasText) -> float:
     """A stable number in [0, 1) drawn from the item's text (not its order or path)."""
-    return int(exact_key(item.text)[:15], 16) / 16**15
+    return position_of_digest(exact_digest(item.text))
+
+
+def position_of_digest(digest: bytes) -> float:
+    """The split position of a text whose `exact_digest` is `digest` (its first 60 bits)."""
+    return (int.from_bytes(digest[:8], "big") >> 4) / 16**15
 
 
 def split_documents(items: Sequence[Item], valid_ratio: float) -> tuple[list[Item], list[Item]]:

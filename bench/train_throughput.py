@@ -33,7 +33,7 @@ SEQ_LEN, BATCH, LR, WARMUP = 512, 4, 2e-4, 2
 LORA = {"r": 8, "alpha": 32, "dropout": 0.05, "target_modules": ["q_proj", "v_proj"], "use_rslora": False}
 
 
-def blocks_in_lorafit_order(data: Path, steps: int, model: str = ""):
+def blocks_in_lorafit_order(data: Path, steps: int, model: str = "", seq_len: int = SEQ_LEN, batch: int = BATCH):
     """The packed blocks each optimizer step sees, in lorafit's (seeded) order."""
     import numpy as np
     import torch
@@ -46,20 +46,27 @@ def blocks_in_lorafit_order(data: Path, steps: int, model: str = ""):
 
     tokenizer = load_tokenizer(resolve_base(model))
     documents, _ = load_prepared_jsonl([data])
-    packed = pack_documents(tokenize_cached([d.text for d in documents], tokenizer), tokenizer.eos_token_id, SEQ_LEN)
+    packed = pack_documents(tokenize_cached([d.text for d in documents], tokenizer), tokenizer.eos_token_id, seq_len)
     blocks = torch.as_tensor(np.asarray(packed.input_ids, dtype=np.int64))  # a token shard is uint16
-    stream = BlockStream(num_blocks=len(packed), batch_size=BATCH, seed=0)
+    stream = BlockStream(num_blocks=len(packed), batch_size=batch, seed=0)
     return torch.cat([blocks[stream.next_indices()] for _ in range(steps)])
 
 
-def run_peer(data: Path, steps: int, model_spec: str = "") -> dict:
+def run_peer(
+    data: Path,
+    steps: int,
+    model_spec: str = "",
+    seq_len: int = SEQ_LEN,
+    batch: int = BATCH,
+    checkpointing: bool = False,
+) -> dict:
     import torch
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, Trainer, TrainerCallback, TrainingArguments
 
     from lorafit.model.load import resolve_base
 
-    ordered = blocks_in_lorafit_order(data, steps, model_spec)
+    ordered = blocks_in_lorafit_order(data, steps, model_spec, seq_len, batch)
 
     class Blocks(torch.utils.data.Dataset):
         def __len__(self):
@@ -94,7 +101,7 @@ def run_peer(data: Path, steps: int, model_spec: str = "") -> dict:
     with tempfile.TemporaryDirectory() as out:
         args = TrainingArguments(
             output_dir=out,
-            per_device_train_batch_size=BATCH,
+            per_device_train_batch_size=batch,
             gradient_accumulation_steps=1,
             max_steps=steps,
             learning_rate=LR,
@@ -110,7 +117,7 @@ def run_peer(data: Path, steps: int, model_spec: str = "") -> dict:
             seed=0,
             dataloader_num_workers=0,
             train_sampling_strategy="sequential",
-            gradient_checkpointing=False,
+            gradient_checkpointing=checkpointing,
             optim="adamw_torch",
             disable_tqdm=True,
         )
@@ -121,7 +128,14 @@ def run_peer(data: Path, steps: int, model_spec: str = "") -> dict:
     return {"step_ends": [t - started for t in timing.step_ends], "losses": timing.losses, "peak_rss_mb": peak_rss_mb()}
 
 
-def run_lorafit(data: Path, steps: int, model_spec: str = "") -> dict:
+def run_lorafit(
+    data: Path,
+    steps: int,
+    model_spec: str = "",
+    seq_len: int = SEQ_LEN,
+    batch: int = BATCH,
+    checkpointing: bool | str = False,
+) -> dict:
     from lorafit.config_files import build_config
     from lorafit.training.run import run_training
 
@@ -134,8 +148,9 @@ def run_lorafit(data: Path, steps: int, model_spec: str = "") -> dict:
                 "data": {"train": [str(data)], "valid": [str(valid_file(data, Path(out)))]},
                 "lora": LORA,
                 "train": {
-                    "seq_len": SEQ_LEN,
-                    "micro_batch_size": BATCH,
+                    "seq_len": seq_len,
+                    "micro_batch_size": batch,
+                    "gradient_checkpointing": checkpointing,
                     "grad_accum": 1,
                     "lr": LR,
                     "warmup_steps": WARMUP,
@@ -154,9 +169,10 @@ def run_lorafit(data: Path, steps: int, model_spec: str = "") -> dict:
         metrics = [json.loads(line) for line in (Path(out) / "run" / "metrics.jsonl").read_text().splitlines()]
     steps_log = [m for m in metrics if "loss" in m]
     return {
-        "step_seconds": [SEQ_LEN * BATCH / m["tokens_per_second"] for m in steps_log],
+        "step_seconds": [seq_len * batch / m["tokens_per_second"] for m in steps_log],
         "losses": [m["loss"] for m in steps_log],
         "peak_rss_mb": result.summary["peak_rss_mb"],
+        "summary": result.summary,
     }
 
 

@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 from typer.testing import CliRunner
 
@@ -213,10 +214,14 @@ def test_console_script_reports_errors_without_traceback(tmp_path):
     assert "Traceback" not in proc.stdout + proc.stderr
 
 
-def test_gradient_checkpointing_gives_the_same_training(tmp_path, tiny_model_dir):
+def test_gradient_checkpointing_gives_the_same_training(tmp_path, tiny_model_dir, monkeypatch):
+    import lorafit.model.checkpointing as checkpointing_module
+
+    # 'auto' on a machine whose memory a micro-batch's activations would crowd: checkpointing on.
+    monkeypatch.setattr(checkpointing_module, "available_memory", lambda device: 1000)
     data = make_corpus(tmp_path / "docs")
     losses = {}
-    for checkpointing in (False, True):
+    for checkpointing in (False, True, "auto"):
         config = write_config(
             tmp_path,
             tiny_model_dir,
@@ -231,7 +236,28 @@ def test_gradient_checkpointing_gives_the_same_training(tmp_path, tiny_model_dir
         assert result.exit_code == 0, result.output
         lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
         losses[checkpointing] = [r["loss"] for r in lines if "loss" in r]
+        summary = json.loads((out / "summary.json").read_text())
+        assert summary["gradient_checkpointing"] is (checkpointing is not False)
+        assert summary["startup_seconds"] > 0
+    assert "gradient checkpointing on (auto: activations of a micro-batch" in result.output
     assert losses[True] == pytest.approx(losses[False], rel=1e-5)
+    assert losses["auto"] == losses[True]
+
+
+def test_auto_checkpointing_turns_on_only_where_activations_crowd_memory(monkeypatch):
+    from types import SimpleNamespace
+
+    import lorafit.model.checkpointing as checkpointing_module
+
+    smollm2 = SimpleNamespace(hidden_size=576, intermediate_size=1536, num_hidden_layers=30)
+    monkeypatch.setattr(checkpointing_module, "available_memory", lambda device: 16 * 2**30)
+    cpu = torch.device("cpu")
+    short = checkpointing_module.choose_checkpointing("auto", smollm2, 4 * 512, torch.bfloat16, cpu)
+    long = checkpointing_module.choose_checkpointing("auto", smollm2, 8192, torch.bfloat16, cpu)
+    assert not short.enabled and long.enabled  # ~1.5 GiB vs ~6.0 GiB of activations; 4 GiB allowed
+    assert "6.0 GiB over 25% of 16.0 GiB" in long.reason
+    assert checkpointing_module.choose_checkpointing(False, smollm2, 8192, torch.bfloat16, cpu).enabled is False
+    assert checkpointing_module.choose_checkpointing(True, smollm2, 8, torch.bfloat16, cpu).enabled is True
 
 
 def test_a_run_that_failed_on_bad_input_can_be_retried_in_the_same_folder(tmp_path, tiny_model_dir):

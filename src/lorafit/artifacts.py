@@ -112,6 +112,8 @@ class RunSummary:
     micro_batch_size: int | None = None
     grad_accum: int | None = None
     processes: int | None = None  # data-parallel processes; a step's blocks = micro_batch_size x grad_accum x this
+    gradient_checkpointing: bool | None = None  # as it ran (train.gradient_checkpointing 'auto' resolved)
+    startup_seconds: float | None = None  # from the start of the run to its first training step
     valid_loss_before: float | None = None
     valid_loss_after: float | None = None
     valid_ppl_before: float | None = None
@@ -146,6 +148,8 @@ class RunSummary:
         "transfer",
         "overflow_steps",
         "processes",
+        "gradient_checkpointing",
+        "startup_seconds",
     )
 
     @classmethod

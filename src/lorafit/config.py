@@ -280,7 +280,12 @@ class TrainSection(Section):
         description="'auto' picks bf16 where the CPU/GPU computes it fast; on a GPU without bf16 (T4, V100) fp16, "
         "else fp32. 'fp16' autocasts in float16 with a dynamic loss scale (overflow steps skipped and counted).",
     )
-    gradient_checkpointing: bool = Field(False, description="Recompute activations to save memory.")
+    gradient_checkpointing: bool | Literal["auto"] = Field(
+        "auto",
+        description="Recompute activations in the backward pass to save memory (about a third slower on a CPU). "
+        "'auto' turns it on when a micro-batch's activations would take over a quarter of the available memory "
+        "(long train.seq_len); true/false force it.",
+    )
     loss_chunk_tokens: int = Field(
         128, ge=16, description="Tokens per chunk of the fused output-layer loss (bounds logits memory)."
     )

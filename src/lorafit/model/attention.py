@@ -1,17 +1,23 @@
-"""Block-causal attention for bf16 training on CPUs: ~2.7x faster than PyTorch's CPU flash kernel.
+"""Block-causal attention for bf16 training on CPUs: faster than PyTorch's CPU flash kernel, and
+memory linear in the sequence length.
 
 PyTorch's CPU flash-attention kernel runs its bf16 blocks at fp32 speed (fwd+bwd ~60 ms per
 SmolLM2 layer at 4 x 512 tokens on this 2-core AVX512_BF16 machine), a quarter of a training step.
 Here attention is three large bf16 kernels that oneDNN runs near peak: a batched GEMM with the
 causal mask added in its epilogue (`baddbmm`), a fused softmax, and a batched GEMM. Queries are
 split into blocks of `BLOCK_ROWS` rows, and each block only multiplies with the keys it may see,
-so the masked upper triangle is mostly never computed (~22 ms per layer, same accuracy against an
-fp32 reference). The price is memory: the bf16 probabilities (~14 MB per layer at 4 x 512) are kept
-for backward instead of being recomputed.
+so the masked upper triangle is mostly never computed.
+
+The backward pass does not keep the probabilities (B x H x L^2: ~9 GB for SmolLM2's 30 layers at
+one 4,096-token sequence). As in FlashAttention's backward, it recomputes each query block's
+probabilities from the kept queries and keys, then takes the block's share of every gradient; a
+block's scores span all the keys it sees, so its softmax is recomputed exactly (the same bits as
+the forward's) and no running log-sum-exp is needed. What a layer keeps for backward is q, k, v:
+linear in L. The price is one more GEMM per block (QK^T again) in the backward pass.
 
 It is registered with transformers' AttentionInterface and used only for what it was measured on:
-causal self-attention (optionally restricted by a boolean mask, as for packed instruction examples;
-no KV cache, no dropout) in bf16/fp16. Anything else falls through to SDPA unchanged.
+causal self-attention (optionally restricted by a boolean mask, as for packed instruction examples
+or padding; no KV cache, no dropout) in bf16/fp16. Anything else falls through to SDPA unchanged.
 """
 
 from __future__ import annotations
@@ -26,11 +32,67 @@ NAME = "lorafit_block_causal"
 BLOCK_ROWS = 128
 
 
-def _causal_bias(start: int, rows: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """Additive bias for query rows [start, start+rows) against keys [0, start+rows)."""
-    bias = torch.zeros(rows, start + rows, dtype=dtype, device=device)
-    bias[:, start:].copy_(torch.full((rows, rows), float("-inf"), device=device).triu_(1))
-    return bias
+def _block_probs(
+    q_block: torch.Tensor, k_seen: torch.Tensor, start: int, groups: int, allowed: torch.Tensor | None
+) -> torch.Tensor:
+    """Softmax of one query block's scores against the keys it may see: (B*KVH, G*rows, end)."""
+    batch_kv, group_rows, _ = q_block.shape
+    rows, end = group_rows // groups, k_seen.shape[1]
+    scores = torch.bmm(q_block, k_seen.transpose(1, 2))
+    if allowed is None:
+        # Only the block's own diagonal square holds masked keys: -inf above its diagonal, added in
+        # place (a bias as wide as the keys cost a GEMM epilogue and two passes per block).
+        diagonal = scores.view(batch_kv, groups, rows, end)[..., start:end]
+        diagonal.add_(torch.full((rows, rows), float("-inf"), dtype=scores.dtype, device=scores.device).triu_(1))
+    else:
+        # The mask is causal already; a finite fill keeps any fully masked row free of NaN.
+        batch = allowed.shape[0]
+        hidden = ~allowed[:, :, start : start + rows, :end].unsqueeze(2)  # (B, 1, 1, rows, end)
+        scores.view(batch, batch_kv // batch, groups, rows, end).masked_fill_(hidden, torch.finfo(scores.dtype).min)
+    return torch.softmax(scores, dim=-1)
+
+
+class _RecomputingAttention(torch.autograd.Function):
+    """Grouped causal attention whose backward recomputes probabilities block by block.
+
+    q (B*KVH, G, L, D), already scaled; k, v (B*KVH, L, D); allowed (B, 1, L, L) or None."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, allowed, block_rows: int):
+        batch_kv, groups, length, dim = q.shape
+        out = torch.empty_like(q)
+        for start in range(0, length, block_rows):
+            end = min(start + block_rows, length)
+            q_block = q[:, :, start:end].reshape(batch_kv, groups * (end - start), dim)
+            probs = _block_probs(q_block, k[:, :end], start, groups, allowed)
+            out[:, :, start:end] = torch.bmm(probs, v[:, :end]).view(batch_kv, groups, end - start, dim)
+        ctx.save_for_backward(q, k, v, allowed)
+        ctx.block_rows = block_rows
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        q, k, v, allowed = ctx.saved_tensors
+        batch_kv, groups, length, dim = q.shape
+        # Key and value gradients gather contributions from every later block: summed in >= fp32.
+        acc_dtype = torch.promote_types(k.dtype, torch.float32)
+        grad_q = torch.empty_like(q)
+        grad_k = torch.zeros(k.shape, dtype=acc_dtype, device=k.device)
+        grad_v = torch.zeros(v.shape, dtype=acc_dtype, device=v.device)
+        for start in range(0, length, ctx.block_rows):
+            end = min(start + ctx.block_rows, length)
+            group_rows = groups * (end - start)
+            q_block = q[:, :, start:end].reshape(batch_kv, group_rows, dim)
+            grad_block = grad_out[:, :, start:end].reshape(batch_kv, group_rows, dim)
+            probs = _block_probs(q_block, k[:, :end], start, groups, allowed)
+            grad_v[:, :end] += torch.bmm(probs.transpose(1, 2), grad_block)
+            grad_probs = torch.bmm(grad_block, v[:, :end].transpose(1, 2))
+            # P * (dP - rowsum(dP * P)) in one fused kernel with fp32 sums, as autograd's softmax does.
+            grad_scores = torch._softmax_backward_data(grad_probs, probs, -1, probs.dtype)
+            del grad_probs, probs
+            grad_q[:, :, start:end] = torch.bmm(grad_scores, k[:, :end]).view(batch_kv, groups, end - start, dim)
+            grad_k[:, :end] += torch.bmm(grad_scores.transpose(1, 2), q_block)
+        return grad_q, grad_k.to(k.dtype), grad_v.to(v.dtype), None, None
 
 
 def block_causal_attention(
@@ -43,30 +105,15 @@ def block_causal_attention(
 ) -> torch.Tensor:
     """Causal attention. query (B, H, L, D); key/value (B, KVH, L, D) with H a multiple of KVH
     (grouped-query attention without repeating keys); returns (B, H, L, D). `allowed` (B, 1, L, L),
-    True where a query may see a key, further restricts a causal mask (packed examples)."""
+    True where a query may see a key, further restricts a causal mask (packed examples, padding)."""
     batch, heads, length, dim = query.shape
     kv_heads = key.shape[1]
-    groups = heads // kv_heads
     # Query heads h*G .. h*G+G-1 share key head h: fold them into the rows of one GEMM.
-    q = (query * scaling).reshape(batch * kv_heads, groups, length, dim)
+    q = (query * scaling).reshape(batch * kv_heads, heads // kv_heads, length, dim)
     k = key.reshape(batch * kv_heads, length, dim)
     v = value.reshape(batch * kv_heads, length, dim)
-    outputs = []
-    for start in range(0, length, block_rows):
-        end = min(start + block_rows, length)
-        rows = end - start
-        q_block = q[:, :, start:end].reshape(batch * kv_heads, groups * rows, dim)
-        if allowed is None:
-            bias = _causal_bias(start, rows, query.dtype, query.device).repeat(groups, 1)
-            scores = torch.baddbmm(bias.expand(batch * kv_heads, -1, -1), q_block, k[:, :end].transpose(1, 2))
-        else:
-            # The mask is causal already; a finite fill keeps any fully masked row free of NaN.
-            scores = torch.bmm(q_block, k[:, :end].transpose(1, 2))
-            hidden = ~allowed[:, :, start:end, :end].unsqueeze(2)  # (B, 1, 1, rows, end)
-            scores.view(batch, kv_heads, groups, rows, end).masked_fill_(hidden, torch.finfo(scores.dtype).min)
-        probs = torch.softmax(scores, dim=-1)
-        outputs.append(torch.bmm(probs, v[:, :end]).reshape(batch * kv_heads, groups, rows, dim))
-    return torch.cat(outputs, dim=2).reshape(batch, heads, length, dim)
+    output = _RecomputingAttention.apply(q, k, v, allowed, block_rows)
+    return output.reshape(batch, heads, length, dim)
 
 
 def lorafit_attention_forward(

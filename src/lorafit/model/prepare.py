@@ -10,6 +10,7 @@ import torch
 
 from lorafit.config import RunConfig
 from lorafit.model.attention import use_block_causal_attention, use_cuda_attention
+from lorafit.model.checkpointing import CheckpointingChoice, choose_checkpointing
 from lorafit.model.device import compute_dtype
 from lorafit.model.dropout import use_int16_mask_dropout
 from lorafit.model.load import BaseModelRef, load_causal_lm
@@ -22,6 +23,7 @@ class TrainableModel:
     model: torch.nn.Module  # a PeftModel (lora) or the causal LM itself (full)
     method: str
     report: ParameterReport
+    checkpointing: CheckpointingChoice
 
 
 def prepare_trainable_model(
@@ -38,12 +40,19 @@ def prepare_trainable_model(
     # Full fine-tuning keeps fp32 master weights (bf16 AdamW updates would round away); LoRA stores
     # the frozen base in the compute dtype and keeps only the small adapter in fp32.
     model = load_causal_lm(ref, torch.float32 if full else dtype, quantization)
+    checkpointing = choose_checkpointing(
+        config.train.gradient_checkpointing,
+        model.config,
+        config.train.seq_len * config.train.micro_batch_size,
+        dtype,
+        device,
+    )
     if device.type == "cpu" and precision == "bf16":
         use_block_causal_attention(model)
     elif device.type == "cuda":
         use_cuda_attention(model, half_precision=precision in ("bf16", "fp16"))
     if quantization is not None:
-        model = prepare_quantized(model, config.train.gradient_checkpointing)
+        model = prepare_quantized(model, checkpointing.enabled)
     if full:
         model.requires_grad_(True)
     else:
@@ -58,8 +67,10 @@ def prepare_trainable_model(
             start_from_adapter(model, config.lora.init_from)
         if device.type == "cpu":
             use_int16_mask_dropout(model)
-    if config.train.gradient_checkpointing:
+    if checkpointing.enabled:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         if not full:
             model.enable_input_require_grads()
-    return TrainableModel(model=model, method=config.train.method, report=parameter_report(model))
+    return TrainableModel(
+        model=model, method=config.train.method, report=parameter_report(model), checkpointing=checkpointing
+    )

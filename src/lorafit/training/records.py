@@ -33,7 +33,8 @@ def run_summary(
     parameters: dict,
     settings: dict,
 ) -> RunSummary:
-    """summary.json's training figures; `settings`: resumed_from, precision, device, rollbacks, processes."""
+    """summary.json's training figures; `settings`: resumed_from, precision, device, rollbacks, processes,
+    gradient_checkpointing, startup_seconds."""
     return RunSummary(
         base_model=inputs.ref.name,
         steps=state.step,

@@ -89,6 +89,7 @@ class TrainingRun:
         self.train_cfg = self.config.train
         self.progress = RunProgress()
         self.wall_start = time.perf_counter()
+        self.startup_seconds: float | None = None
 
     # --- set-up ------------------------------------------------------------------------------------
 
@@ -179,6 +180,7 @@ class TrainingRun:
             f"[bold]{self.trainable.method}[/] {report.trainable:,} of {report.total:,} parameters trainable "
             f"({report.percent:.3f}%)  " + "  ".join(f"{name} {count:,}" for name, count in report.by_module.items())
         )
+        self.console.print(f"gradient checkpointing {self.trainable.checkpointing.reason}")
         self.initial_adapter = None
         lora = self.trainable.method == "lora"
         if lora and changes_base_weights(self.config.lora) and self.accelerator.is_main_process:
@@ -293,6 +295,9 @@ class TrainingRun:
     def train(self) -> None:
         """The loop to train.max_steps, rolling back after runs of non-finite steps; a signal saves
         a checkpoint and stops with the command that continues exactly."""
+        # Start-up: everything before the first step (inputs read, model loaded, base measured).
+        self.startup_seconds = time.perf_counter() - self.wall_start
+        self.console.print(f"start-up {self.startup_seconds:.1f} s")
         deepspeed = self.objective if self.deepspeed_run else None  # accelerate returns the DeepSpeedEngine
         engine = LoopEngine(
             self.accelerator,
@@ -371,6 +376,8 @@ class TrainingRun:
                 "device": str(self.device),
                 "rollbacks": self.checkpointer.rollbacks,
                 "processes": self.accelerator.num_processes,
+                "gradient_checkpointing": self.trainable.checkpointing.enabled,
+                "startup_seconds": self.startup_seconds,
             },
         )
         # Whole weights for the save: ZeRO's fp32 masters, FSDP's shards gathered (every process).

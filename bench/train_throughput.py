@@ -135,6 +135,7 @@ def run_lorafit(
     seq_len: int = SEQ_LEN,
     batch: int = BATCH,
     checkpointing: bool | str = False,
+    valid_documents: int = 3,
 ) -> dict:
     from lorafit.config_files import build_config
     from lorafit.training.run import run_training
@@ -145,7 +146,7 @@ def run_lorafit(
                 # An explicit validation file keeps every training document in, so both sides pack
                 # exactly the same blocks.
                 "model": {"base": model_spec},
-                "data": {"train": [str(data)], "valid": [str(valid_file(data, Path(out)))]},
+                "data": {"train": [str(data)], "valid": [str(valid_file(data, Path(out), valid_documents))]},
                 "lora": LORA,
                 "train": {
                     "seq_len": seq_len,

@@ -8,7 +8,11 @@ the CPU supports it, its block-causal attention, batches of --batch blocks, the 
 
     .venv/bin/python bench/eval_throughput.py [--documents 4] [--batch 8]
 
-Ends with: RESULT tokens_per_s_ratio=X nll_lorafit=A nll_peer=B (ratio is lorafit / peer).
+Also times the model's matrix products alone at the same batch (the GEMM-only ceiling) and prints
+the fraction of it lorafit reaches.
+
+Ends with: RESULT tokens_per_s_ratio=X ceiling_fraction=F ceiling_tokens_per_s=C nll_lorafit=A
+nll_peer=B (ratio is lorafit / peer; F is lorafit / C).
 """
 
 from __future__ import annotations
@@ -23,6 +27,33 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_VALID = REPO.parent / "shared" / "data" / "pydocs" / "text" / "valid.jsonl"
 SEQ_LEN = 512
+
+
+def gemm_ceiling_tokens_per_s(model, tokens: int, dtype, repeats: int = 5) -> float:
+    """Tokens/s if a forward pass were its weight matrix products alone: every Linear of the
+    decoder and the output layer at `tokens` rows, in the compute dtype, each shape timed on its
+    own (best of `repeats`) and counted as often as the model has it. Attention's own products,
+    norms, activations and the loss's softmax are left out: this is the ceiling they eat into."""
+    from collections import Counter
+
+    import torch
+
+    shapes = Counter(
+        (module.in_features, module.out_features) for module in model.modules() if isinstance(module, torch.nn.Linear)
+    )
+    seconds = 0.0
+    with torch.no_grad():
+        for (inputs, outputs), count in shapes.items():
+            x = torch.randn(tokens, inputs, dtype=dtype)
+            weight = torch.randn(outputs, inputs, dtype=dtype)
+            torch.nn.functional.linear(x, weight)  # warm-up
+            best = float("inf")
+            for _ in range(repeats):
+                began = time.perf_counter()
+                torch.nn.functional.linear(x, weight)
+                best = min(best, time.perf_counter() - began)
+            seconds += best * count
+    return tokens / seconds
 
 
 def main() -> None:
@@ -109,11 +140,17 @@ def main() -> None:
     result = LossResult(nll_sum=ours_nll, tokens=ours_tokens)
 
     peer_tps, ours_tps = scored / peer_seconds, result.tokens / ours_seconds
+    # Tokens pushed through the model (padding included) per second: what the ceiling is about.
+    ceiling = gemm_ceiling_tokens_per_s(model, args.batch * SEQ_LEN, dtype)
     print(f"peer (batch 1, fp32): {peer_tps:,.0f} tokens/s, ppl {math.exp(peer_nll / scored):.4f}")
     print(f"lorafit ({precision}, batch {args.batch}): {ours_tps:,.0f} tokens/s, ppl {result.perplexity:.4f}")
     print(
-        f"RESULT tokens_per_s_ratio={ours_tps / peer_tps:.3f} nll_lorafit={result.loss:.4f} "
-        f"nll_peer={peer_nll / scored:.4f}"
+        f"GEMM-only ceiling ({precision}, {args.batch} x {SEQ_LEN} tokens, every Linear and the output layer): "
+        f"{ceiling:,.0f} tokens/s; lorafit reaches {ours_tps / ceiling:.1%} of it"
+    )
+    print(
+        f"RESULT tokens_per_s_ratio={ours_tps / peer_tps:.3f} ceiling_fraction={ours_tps / ceiling:.3f} "
+        f"ceiling_tokens_per_s={ceiling:.0f} nll_lorafit={result.loss:.4f} nll_peer={peer_nll / scored:.4f}"
     )
 
 

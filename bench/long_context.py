@@ -14,8 +14,9 @@ machine would start killing processes first); the peer is not run at longer L af
     .venv/bin/python bench/long_context.py [--lengths 512,1024,2048,4096,8192] [--steps 4]
 
 Ends with one `RESULT seq_len=L ...` line per L and a `RESULT targets ...` line:
-rss_8192_vs_512x16, rss_8192_vs_512 (peak RSS ratios), tps_4096_vs_512 (tokens/s ratio),
-min_speedup_vs_peer (over the L the peer ran).
+rss_8192_vs_512x16 (peak RSS, both without checkpointing: 8,192 tokens a step either way),
+rss_8192_checkpointing_vs_512 (8,192 with checkpointing against 4 x 512 without),
+tps_4096_vs_512 (tokens/s, without checkpointing) and min_speedup_vs_peer (over the L the peer ran).
 """
 
 from __future__ import annotations
@@ -102,6 +103,24 @@ def run_side(side: str, args, seq_len: int, batch: int, checkpointing: bool) -> 
     return result
 
 
+def earlier_peer_results(log: Path) -> dict[tuple[int, int], dict]:
+    """(L, micro-batch) -> the peer's result as an earlier run printed it."""
+    found = {}
+    for line in log.read_text().splitlines():
+        if not line.startswith("RESULT seq_len="):
+            continue
+        fields = dict(item.split("=", 1) for item in line.split()[1:] if "=" in item)
+        shape = (int(fields["seq_len"]), int(fields["micro_batch"]))
+        if fields.get("peer") == "out_of_memory":
+            found[shape] = {"oom": True}
+        elif "peer_tokens_per_s" in fields:
+            found[shape] = {
+                "tokens_per_s": float(fields["peer_tokens_per_s"]),
+                "peak_rss_mb": float(fields["peer_peak_rss_mb"]),
+            }
+    return found
+
+
 def cell(result: dict | None) -> str:
     if result is None:
         return f"{'-':>9}{'-':>10}"
@@ -130,6 +149,12 @@ def main() -> None:
     parser.add_argument("--data", type=Path, default=shared.DEFAULT_DATA)
     parser.add_argument("--max-rss-gb", type=float, default=20.0)
     parser.add_argument("--no-peer", action="store_true", help="lorafit only")
+    parser.add_argument(
+        "--peer-from",
+        type=Path,
+        help="take the peer's figures from the RESULT lines of an earlier run's output (the peer is unchanged "
+        "by lorafit's code; it takes most of this script's hour)",
+    )
     parser.add_argument("--child", choices=["peer", "lorafit"], help=argparse.SUPPRESS)
     parser.add_argument("--seq-len", type=int, default=512, help=argparse.SUPPRESS)
     parser.add_argument("--batch", type=int, default=4, help=argparse.SUPPRESS)
@@ -152,6 +177,9 @@ def main() -> None:
         f"{shared.LORA}; {args.steps} steps, first {args.skip} not timed",
         flush=True,
     )
+    earlier = earlier_peer_results(args.peer_from) if args.peer_from else {}
+    if earlier:
+        print(f"peer: figures from {args.peer_from} (an earlier run of this script)", flush=True)
     run_side("lorafit", args, 512, 1, False)  # fills the model and token caches for every side
     header = f"{'L':>6}{'blocks':>7}{'tokens':>7} | {'lorafit':>9}{'RSS MB':>10} | {'+ckpt':>9}{'RSS MB':>10} | "
     header += f"{'peer':>9}{'RSS MB':>10} | {'speedup':>7}"
@@ -165,7 +193,9 @@ def main() -> None:
         ours = run_side("lorafit", args, length, batch, False)
         checkpointed = run_side("lorafit", args, length, batch, True)
         peer = None
-        if not args.no_peer and not peer_out and (length, batch) != (512, 16):
+        if args.peer_from and (length, batch) in earlier:
+            peer = earlier[(length, batch)]
+        elif not args.no_peer and not peer_out and (length, batch) != (512, 16):
             peer = run_side("peer", args, length, batch, False)
             peer_out = bool(peer.get("oom"))
         rows[(length, batch)] = {"lorafit": ours, "checkpointing": checkpointed, "peer": peer}
@@ -195,21 +225,19 @@ def main() -> None:
             fields.append(f"speedup_vs_peer={ours['tokens_per_s'] / peer['tokens_per_s']:.2f}")
         print("RESULT " + " ".join(fields))
 
-    def best(length: int, batch: int) -> dict | None:
-        row = rows.get((length, batch))
-        if row is None:
-            return None
-        fits = [r for r in (row["lorafit"], row["checkpointing"]) if not r.get("oom")]
-        return min(fits, key=lambda r: r["peak_rss_mb"]) if fits else None
-
     targets = []
-    long_run, short_run, same_tokens = best(8192, 1), rows.get((512, 4)), best(512, 16)
-    if long_run and same_tokens:
-        targets.append(f"rss_8192_vs_512x16={long_run['peak_rss_mb'] / same_tokens['peak_rss_mb']:.2f}")
-    if long_run and short_run:
-        targets.append(f"rss_8192_vs_512={long_run['peak_rss_mb'] / short_run['lorafit']['peak_rss_mb']:.2f}")
-    if (4096, 1) in rows and short_run:
-        ratio = rows[(4096, 1)]["lorafit"]["tokens_per_s"] / short_run["lorafit"]["tokens_per_s"]
+    long_row, short_row, same_tokens_row = rows.get((8192, 1)), rows.get((512, 4)), rows.get((512, 16))
+
+    def rss(row: dict | None, side: str) -> float | None:
+        return None if row is None or row[side].get("oom") else row[side]["peak_rss_mb"]
+
+    if rss(long_row, "lorafit") and rss(same_tokens_row, "lorafit"):
+        targets.append(f"rss_8192_vs_512x16={rss(long_row, 'lorafit') / rss(same_tokens_row, 'lorafit'):.2f}")
+    if rss(long_row, "checkpointing") and rss(short_row, "lorafit"):
+        ratio = rss(long_row, "checkpointing") / rss(short_row, "lorafit")
+        targets.append(f"rss_8192_checkpointing_vs_512={ratio:.2f}")
+    if (4096, 1) in rows and short_row:
+        ratio = rows[(4096, 1)]["lorafit"]["tokens_per_s"] / short_row["lorafit"]["tokens_per_s"]
         targets.append(f"tps_4096_vs_512={ratio:.2f}")
     speedups = [
         row["lorafit"]["tokens_per_s"] / row["peer"]["tokens_per_s"]

@@ -12,10 +12,11 @@ import torch
 from test_merge import train_adapter
 
 from lorafit.adapters.export import export_gguf, llama_cpp_available
-from lorafit.adapters.gguf_export import LORA_ALPHA, interleave_rotary_rows, rope_settings
+from lorafit.adapters.gguf_export import LORA_ALPHA, interleave_rotary_rows
 from lorafit.adapters.modelfile import ollama_template
 from lorafit.data.chat_template import DEFAULT_CHAT_TEMPLATE
 from lorafit.model.embedded import embedded_gguf_path
+from lorafit.model.rope import rope_settings
 
 needs_llama_cpp = pytest.mark.skipif(not llama_cpp_available(), reason="llama-cpp-python is not installed")
 

@@ -27,6 +27,28 @@ def test_fused_loss_and_gradients_match_reference(chunk):
     assert torch.allclose(fused_grads[1], weight.grad, atol=1e-10)
 
 
+def test_only_target_rows_reach_the_output_layer(monkeypatch):
+    """Prompt and padding tokens cost no logits (the head is ~a fifth of a small model's work); an
+    all-prompt batch is a zero loss with zero gradients, not NaN."""
+    import lorafit.compute.loss as loss_module
+
+    rows_seen = []
+    real_linear = loss_module.F.linear
+    monkeypatch.setattr(loss_module.F, "linear", lambda h, w: rows_seen.append(h.shape[0]) or real_linear(h, w))
+    hidden = torch.randn(2, 9, 8, requires_grad=True)
+    weight = torch.randn(20, 8)
+    labels = torch.randint(0, 20, (2, 9))
+    labels[:, :6] = IGNORE_INDEX  # a prompt of 6 tokens: 2 x 3 targets after the shift
+    fused_lm_loss_sum(hidden, weight, labels, chunk_tokens=4).backward()
+    assert sum(rows_seen) == target_count(labels) == 6
+    assert (hidden.grad[:, :5] == 0).all() and (hidden.grad[:, 5:8] != 0).any()
+    hidden.grad = None
+    labels[:] = IGNORE_INDEX
+    nothing = fused_lm_loss_sum(hidden, weight, labels)
+    nothing.backward()
+    assert nothing.item() == 0.0 and torch.equal(hidden.grad, torch.zeros_like(hidden))
+
+
 def test_fused_loss_without_gradients_is_just_the_loss():
     hidden = torch.randn(2, 5, 8)
     weight = torch.randn(20, 8)

@@ -60,6 +60,33 @@ class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
 
+ROPE_SCALING_TYPES = ("linear", "dynamic", "yarn", "llama3")
+# Keys each rope scaling type may carry besides `type` and `factor` (transformers' names).
+ROPE_SCALING_KEYS = {
+    "linear": (),
+    "dynamic": (),
+    "yarn": ("original_max_position_embeddings", "beta_fast", "beta_slow", "attention_factor"),
+    "llama3": ("original_max_position_embeddings", "low_freq_factor", "high_freq_factor"),
+}
+
+
+def check_rope_scaling(scaling: dict | None) -> dict | None:
+    """model.rope_scaling as written ({type, factor, ...}), checked and normalised; None stays None."""
+    if scaling is None:
+        return None
+    kind = scaling.get("type", scaling.get("rope_type"))
+    if kind not in ROPE_SCALING_TYPES:
+        raise ValueError(f"type must be one of {', '.join(ROPE_SCALING_TYPES)} (got {kind!r})")
+    factor = scaling.get("factor")
+    if not isinstance(factor, int | float) or isinstance(factor, bool) or factor <= 1.0:
+        raise ValueError(f"factor must be a number above 1 (got {factor!r}): the context grows by this factor")
+    allowed = ROPE_SCALING_KEYS[kind]
+    unknown = sorted(set(scaling) - {"type", "rope_type", "factor", *allowed})
+    if unknown:
+        raise ValueError(f"{kind} scaling takes no {unknown[0]!r} (it takes: {', '.join(('factor', *allowed))})")
+    return {"type": kind, "factor": float(factor), **{key: scaling[key] for key in allowed if key in scaling}}
+
+
 class ModelSection(Section):
     base: str = Field(
         "",
@@ -71,6 +98,17 @@ class ModelSection(Section):
         description="Load the frozen base quantized with bitsandbytes (CUDA GPU only): '4bit' NF4 with double "
         "quantization (QLoRA), or '8bit'.",
     )
+    rope_scaling: dict[str, Any] | None = Field(
+        None,
+        description="Extend the base's trained context for a longer train.seq_len: {type: linear|dynamic|yarn|llama3, "
+        "factor: F} (context x F; yarn and llama3 take transformers' optional keys). Recorded with the adapter and "
+        "applied wherever it is loaded, merged or exported. A base whose rope is scaled already keeps its own.",
+    )
+
+    @field_validator("rope_scaling")
+    @classmethod
+    def _rope_scaling(cls, value: dict[str, Any] | None) -> dict[str, Any] | None:
+        return check_rope_scaling(value)
 
 
 class DataSection(Section):
@@ -283,7 +321,7 @@ class TrainSection(Section):
     gradient_checkpointing: bool | Literal["auto"] = Field(
         "auto",
         description="Recompute activations in the backward pass to save memory (about a third slower on a CPU). "
-        "'auto' turns it on when a micro-batch's activations would take over a quarter of the available memory "
+        "'auto' turns it on when a micro-batch's activations would take over half the available memory "
         "(long train.seq_len); true/false force it.",
     )
     loss_chunk_tokens: int = Field(

@@ -94,7 +94,7 @@ def export_gguf(
                 summary = write_lora_gguf(adapter, base_config, out_file, name=trained.name)
             folder = Path(scratch) / "merged"  # the reference (and, merged, the source) model
             folder.mkdir()
-            merge_into_folder(base_folder, adapter, folder, "f32")
+            merge_into_folder(base_folder, adapter, folder, "f32", rope_scaling=ref.rope_scaling)
             tokenizer = load_tokenizer(ref)
             if template:
                 tokenizer.chat_template = template

@@ -27,6 +27,7 @@ from lorafit.adapters.gguf_vocab import add_vocab, read_vocab
 from lorafit.adapters.merge import TensorFile, _base_tensor_files
 from lorafit.errors import UsageError
 from lorafit.io import partial_path
+from lorafit.model.rope import rope_settings
 
 GGUF_TYPES = ("f32", "f16", "bf16", "q8_0")
 LORA_ALPHA = 1.0  # written into LoRA files; each module's true scale is folded into its B
@@ -124,17 +125,6 @@ ARCHITECTURES = {
     "phi3": Architecture("PHI3", False, sliding_window_key=True),
 }
 ROPE_TYPES = ("default", "llama3", "linear", "yarn")
-
-
-def rope_settings(config: dict) -> dict:
-    """The rope parameters of a config.json of either transformers layout: 4.x keeps `rope_theta`
-    (and `rope_scaling`) at the top level, 5.x nests them in `rope_parameters`."""
-    nested = config.get("rope_parameters") or {}
-    scaling = config.get("rope_scaling") or {}
-    merged = {**scaling, **nested}
-    merged["rope_theta"] = float(nested.get("rope_theta", config.get("rope_theta", 10000.0)))
-    merged["rope_type"] = nested.get("rope_type") or scaling.get("rope_type") or scaling.get("type") or "default"
-    return merged
 
 
 def architecture_of(config: dict, folder: Path) -> Architecture:

@@ -3,6 +3,7 @@ records (lorafit.json, summary.json, metrics.jsonl) when they are there."""
 
 from __future__ import annotations
 
+import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,6 +37,11 @@ class TrainedLocation:
 
         recorded = self.record.chat_template or {}
         return ChatTemplate(recorded["text"], recorded.get("origin", "recorded")) if recorded.get("text") else None
+
+    @property
+    def rope_scaling(self) -> dict | None:
+        """The model.rope_scaling it was trained with (lorafit.json's config), or None."""
+        return ((self.record.config or {}).get("model") or {}).get("rope_scaling")
 
     @property
     def base_spec(self) -> str | None:
@@ -127,7 +133,15 @@ def resolve_trained_base(trained: list[TrainedLocation], base: str | None, allow
         if trained and not recorded:
             raise UsageError(f"{trained[0].path} records no base model (no lorafit.json); pass --base MODEL.")
         base = recorded[0] if recorded else ""
-    ref = resolve_base(base)
+    # A rope scaling an adapter was trained with is part of its model: the base is loaded with it.
+    scalings = {json.dumps(item.rope_scaling, sort_keys=True): item for item in trained}
+    if len(scalings) > 1:
+        first, second = list(scalings.values())[:2]
+        raise UsageError(
+            f"{first.name} was trained with model.rope_scaling {first.rope_scaling} and {second.name} with "
+            f"{second.rope_scaling}: they need differently scaled bases; use them one at a time."
+        )
+    ref = resolve_base(base, trained[0].rope_scaling if trained else None)
     fingerprint = weights_fingerprint(ref)
     if not allow_mismatch:
         for item in trained:

@@ -27,6 +27,7 @@ import torch
 from lorafit.errors import UsageError
 from lorafit.integrity import check_safetensors, read_json_file
 from lorafit.model.device import peak_rss_mb
+from lorafit.model.rope import with_rope_scaling
 
 DTYPES = {"f32": torch.float32, "bf16": torch.bfloat16, "f16": torch.float16}
 PEFT_PREFIX = "base_model.model."
@@ -245,12 +246,14 @@ def merge_into_folder(
     out_dir: Path,
     dtype: str = "bf16",
     max_shard_bytes: int = 2 * 1024**3,
+    rope_scaling: dict | None = None,
 ) -> dict:
     """Write the merged model's safetensors and config.json into `out_dir` (which must exist);
-    returns {'merged_modules', 'replaced_tensors', 'bytes', 'files'}."""
+    returns {'merged_modules', 'replaced_tensors', 'bytes', 'files'}. `rope_scaling`: the
+    model.rope_scaling the adapter was trained with, written into the merged config.json."""
     target_dtype = DTYPES[dtype]
     tensor_files = _base_tensor_files(base_folder)
-    config = json.loads((base_folder / "config.json").read_text())
+    config = with_rope_scaling(json.loads((base_folder / "config.json").read_text()), rope_scaling)
     modules = set(adapter.lora)
     missing = sorted(m for m in modules if f"{m}.weight" not in tensor_files)
     # With tied embeddings the output layer is the embedding matrix; an adapted or replaced head
@@ -350,7 +353,7 @@ def merge_adapter(
     summary: dict = {}
 
     def write(folder: Path) -> None:
-        summary.update(merge_into_folder(Path(ref.path), adapter, folder, dtype, max_shard_bytes))
+        summary.update(merge_into_folder(Path(ref.path), adapter, folder, dtype, max_shard_bytes, ref.rope_scaling))
         tokenizer.save_pretrained(folder)
         copy_sentencepiece_model(Path(ref.path), folder)
         # The adapter's record (config, tokenizer, template, data, metrics) travels with the model.

@@ -28,36 +28,35 @@ class FusedLinearCrossEntropy(torch.autograd.Function):
             weight_c = weight.detach().to(compute_dtype)
             # needs_input_grad follows requires_grad, not grad mode: fused_lm_loss_sum detaches the
             # inputs under torch.no_grad(), so evaluation computes the loss only.
-            grad_hidden = torch.empty_like(hidden) if ctx.needs_input_grad[0] else None
+            grad_hidden = torch.zeros_like(hidden) if ctx.needs_input_grad[0] else None
             grad_weight = (
                 torch.zeros(weight.shape, dtype=acc_dtype, device=weight.device) if ctx.needs_input_grad[1] else None
             )
             total = torch.zeros((), dtype=acc_dtype, device=hidden.device)
-            for start in range(0, hidden.shape[0], chunk_tokens):
-                end = min(start + chunk_tokens, hidden.shape[0])
-                h = hidden[start:end].detach().to(compute_dtype)
-                y = labels[start:end]
-                keep = y != IGNORE_INDEX
-                y_safe = torch.where(keep, y, 0)
+            # Only target rows reach the output layer: padding and (for instruction data) prompt
+            # tokens cost no logits, and their hidden states get a zero gradient.
+            target_rows = (labels != IGNORE_INDEX).nonzero().squeeze(1)
+            for start in range(0, target_rows.shape[0], chunk_tokens):
+                rows = target_rows[start : start + chunk_tokens]
+                h = hidden.detach().index_select(0, rows).to(compute_dtype)
+                y = labels.index_select(0, rows)
                 # F.linear takes the (vocab, hidden) weight as stored; `h @ weight_c.T` made oneDNN copy
                 # the whole transposed bf16 weight for every chunk (a quarter of evaluation time).
                 logits = F.linear(h, weight_c).to(acc_dtype)
-                target = logits.gather(1, y_safe[:, None]).squeeze(1)
+                target = logits.gather(1, y[:, None]).squeeze(1)
                 # One exp pass gives both the log-sum-exp and the softmax (for the gradient).
                 row_max = logits.amax(dim=1, keepdim=True)
                 probs = logits.sub_(row_max).exp_()
                 row_sum = probs.sum(dim=1, keepdim=True)
                 lse = (row_max + row_sum.log()).squeeze(1)
-                total += ((lse - target) * keep).sum()
+                total += (lse - target).sum()
                 if grad_hidden is None and grad_weight is None:
                     continue
                 probs.div_(row_sum)
-                rows = torch.arange(end - start, device=probs.device)
-                probs[rows, y_safe] -= 1.0
-                probs.mul_(keep[:, None])
+                probs[torch.arange(rows.shape[0], device=probs.device), y] -= 1.0
                 grad_logits = probs.to(compute_dtype)
                 if grad_hidden is not None:
-                    grad_hidden[start:end] = (grad_logits @ weight_c).to(hidden.dtype)
+                    grad_hidden.index_copy_(0, rows, (grad_logits @ weight_c).to(hidden.dtype))
                 if grad_weight is not None:
                     grad_weight += (grad_logits.T @ h).to(acc_dtype)
         ctx.save_for_backward(*(t for t in (grad_hidden, grad_weight) if t is not None))

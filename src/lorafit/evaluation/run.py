@@ -51,7 +51,7 @@ from lorafit.evaluation.tasks import flat_records, load_task_sets
 from lorafit.io import write_json_atomic
 from lorafit.model.attention import use_block_causal_attention
 from lorafit.model.device import autocast_context, compute_dtype, default_device, resolve_precision
-from lorafit.model.load import check_seq_len, load_causal_lm, load_model_config, load_tokenizer, resolve_base
+from lorafit.model.load import check_seq_len, load_causal_lm, load_tokenizer, resolve_base
 from lorafit.options import default_of
 from lorafit.outputs import check_output_folder, output_folder
 
@@ -165,7 +165,7 @@ def _evaluate(request: EvalRequest, out: Path, console: Console) -> EvalResult:
     ref, fingerprint = resolve_trained_base(trained, request.base, request.allow_base_mismatch)
     config = _run_config(trained)
     seq_len = request.seq_len or (config.train.seq_len if config else 512)
-    check_seq_len(seq_len, load_model_config(ref), "--seq-len")
+    check_seq_len(seq_len, ref, "--seq-len")
     problems = Problems()
     inputs, domain_files = _eval_inputs(request, config, trained, ref, seq_len, problems)
     print_problems(console, problems.items, "report.json")

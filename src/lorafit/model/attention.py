@@ -33,12 +33,20 @@ BLOCK_ROWS = 128
 
 
 def _block_probs(
-    q_block: torch.Tensor, k_seen: torch.Tensor, start: int, groups: int, allowed: torch.Tensor | None
+    q_block: torch.Tensor,
+    k_seen: torch.Tensor,
+    start: int,
+    groups: int,
+    allowed: torch.Tensor | None,
+    buffer: torch.Tensor,
 ) -> torch.Tensor:
-    """Softmax of one query block's scores against the keys it may see: (B*KVH, G*rows, end)."""
+    """Softmax of one query block's scores against the keys it may see: (B*KVH, G*rows, end),
+    computed in place in the front of `buffer` (flat, reused by every block of a call: fresh
+    multi-MB tensors per block cost page faults, ~10% of attention time at 4,096 tokens)."""
     batch_kv, group_rows, _ = q_block.shape
     rows, end = group_rows // groups, k_seen.shape[1]
-    scores = torch.bmm(q_block, k_seen.transpose(1, 2))
+    scores = buffer[: batch_kv * group_rows * end].view(batch_kv, group_rows, end)
+    torch.bmm(q_block, k_seen.transpose(1, 2), out=scores)
     if allowed is None:
         # Only the block's own diagonal square holds masked keys: -inf above its diagonal, added in
         # place (a bias as wide as the keys cost a GEMM epilogue and two passes per block).
@@ -49,7 +57,13 @@ def _block_probs(
         batch = allowed.shape[0]
         hidden = ~allowed[:, :, start : start + rows, :end].unsqueeze(2)  # (B, 1, 1, rows, end)
         scores.view(batch, batch_kv // batch, groups, rows, end).masked_fill_(hidden, torch.finfo(scores.dtype).min)
-    return torch.softmax(scores, dim=-1)
+    return torch.ops.aten._softmax.out(scores, -1, False, out=scores)
+
+
+def _block_buffer(q: torch.Tensor, block_rows: int) -> torch.Tensor:
+    """Room for the largest block's scores (the last block sees every key)."""
+    batch_kv, groups, length, _ = q.shape
+    return torch.empty(batch_kv * groups * min(block_rows, length) * length, dtype=q.dtype, device=q.device)
 
 
 class _RecomputingAttention(torch.autograd.Function):
@@ -61,10 +75,11 @@ class _RecomputingAttention(torch.autograd.Function):
     def forward(ctx, q, k, v, allowed, block_rows: int):
         batch_kv, groups, length, dim = q.shape
         out = torch.empty_like(q)
+        buffer = _block_buffer(q, block_rows)
         for start in range(0, length, block_rows):
             end = min(start + block_rows, length)
             q_block = q[:, :, start:end].reshape(batch_kv, groups * (end - start), dim)
-            probs = _block_probs(q_block, k[:, :end], start, groups, allowed)
+            probs = _block_probs(q_block, k[:, :end], start, groups, allowed, buffer)
             out[:, :, start:end] = torch.bmm(probs, v[:, :end]).view(batch_kv, groups, end - start, dim)
         ctx.save_for_backward(q, k, v, allowed)
         ctx.block_rows = block_rows
@@ -79,17 +94,19 @@ class _RecomputingAttention(torch.autograd.Function):
         grad_q = torch.empty_like(q)
         grad_k = torch.zeros(k.shape, dtype=acc_dtype, device=k.device)
         grad_v = torch.zeros(v.shape, dtype=acc_dtype, device=v.device)
+        probs_buffer, grad_buffer = _block_buffer(q, ctx.block_rows), _block_buffer(q, ctx.block_rows)
         for start in range(0, length, ctx.block_rows):
             end = min(start + ctx.block_rows, length)
             group_rows = groups * (end - start)
             q_block = q[:, :, start:end].reshape(batch_kv, group_rows, dim)
             grad_block = grad_out[:, :, start:end].reshape(batch_kv, group_rows, dim)
-            probs = _block_probs(q_block, k[:, :end], start, groups, allowed)
+            probs = _block_probs(q_block, k[:, :end], start, groups, allowed, probs_buffer)
             grad_v[:, :end] += torch.bmm(probs.transpose(1, 2), grad_block)
-            grad_probs = torch.bmm(grad_block, v[:, :end].transpose(1, 2))
-            # P * (dP - rowsum(dP * P)) in one fused kernel with fp32 sums, as autograd's softmax does.
-            grad_scores = torch._softmax_backward_data(grad_probs, probs, -1, probs.dtype)
-            del grad_probs, probs
+            grad_scores = grad_buffer[: batch_kv * group_rows * end].view(batch_kv, group_rows, end)
+            torch.bmm(grad_block, v[:, :end].transpose(1, 2), out=grad_scores)
+            # P * (dP - rowsum(dP * P)) in one fused kernel with fp32 sums, as autograd's softmax
+            # does; in place (each row's sum is taken before the row is written).
+            torch.ops.aten._softmax_backward_data.out(grad_scores, probs, -1, probs.dtype, grad_input=grad_scores)
             grad_q[:, :, start:end] = torch.bmm(grad_scores, k[:, :end]).view(batch_kv, groups, end - start, dim)
             grad_k[:, :end] += torch.bmm(grad_scores.transpose(1, 2), q_block)
         return grad_q, grad_k.to(k.dtype), grad_v.to(v.dtype), None, None

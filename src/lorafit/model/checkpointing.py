@@ -6,8 +6,9 @@ saves the activations a micro-batch keeps for backward (2.7 -> 1.3 GB peak RSS t
 attention memory linear in the sequence length, those activations are what grows with long
 sequences: ~23 KB per token and layer for SmolLM2 in bf16, 5.6 GB for one 8,192-token block. So
 `auto` turns it on only where they would crowd the memory at hand: when a micro-batch's estimated
-activations exceed a quarter of the memory available at start-up (the rest is for the weights, the
-optimizer, evaluation and whatever else the machine runs). Elsewhere it never pays.
+activations exceed half the memory available at start-up (the rest is for the weights, the
+optimizer, evaluation and whatever else the machine runs). Elsewhere it never pays: on this 24 GB
+machine a whole 8,192-token block trains without it (8.2 GB peak RSS) 18% faster than with it.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from pathlib import Path
 import torch
 
 # Share of the available memory a micro-batch's activations may take before `auto` recomputes them.
-ACTIVATION_SHARE = 0.25
+ACTIVATION_SHARE = 0.5
 
 
 @dataclass(frozen=True)

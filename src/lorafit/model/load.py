@@ -12,9 +12,10 @@ from pathlib import Path
 
 import torch
 
-from lorafit.errors import ConfigError, ModelError
+from lorafit.errors import ModelError
 from lorafit.integrity import check_gguf, check_safetensors, read_json_file
 from lorafit.model.embedded import EMBEDDED_NAME, cached_gguf_folder, embedded_model_folder
+from lorafit.model.rope import check_context, with_rope_scaling
 
 WEIGHT_FILES = (
     "model.safetensors",
@@ -32,10 +33,18 @@ class BaseModelRef:
     spec: str  # what the user wrote ("" for the embedded default)
     name: str  # human-readable identity
     path: str  # local folder, or hub id when the hub is used
+    rope_scaling: dict | None = None  # model.rope_scaling, applied to the config whenever it is loaded
 
 
-def resolve_base(spec: str) -> BaseModelRef:
-    """'' -> embedded default; folder -> itself; .gguf -> cached conversion; 'org/name' -> hub id."""
+def resolve_base(spec: str, rope_scaling: dict | None = None) -> BaseModelRef:
+    """'' -> embedded default; folder -> itself; .gguf -> cached conversion; 'org/name' -> hub id.
+    `rope_scaling` (model.rope_scaling, as a run or an adapter records it) travels with the ref."""
+    ref = _resolve_base(spec)
+    ref.rope_scaling = rope_scaling
+    return ref
+
+
+def _resolve_base(spec: str) -> BaseModelRef:
     if not spec:
         return BaseModelRef(spec="", name=EMBEDDED_NAME, path=str(embedded_model_folder()))
     path = Path(spec).expanduser()
@@ -88,22 +97,30 @@ def _hub_failure(ref: BaseModelRef, why: Exception | str) -> ModelError:
 
 
 def load_model_config(ref: BaseModelRef):
+    """The base's transformers config, with the ref's rope scaling applied."""
     from transformers import AutoConfig
 
     config_file = Path(ref.path) / "config.json"
     if config_file.is_file():
         read_json_file(config_file)  # a cut file gets its own message, with the line
     try:
-        return AutoConfig.from_pretrained(ref.path)
+        config = AutoConfig.from_pretrained(ref.path)
+        if ref.rope_scaling is None:
+            return config
+        scaled = with_rope_scaling(config.to_dict(), ref.rope_scaling)
+        rope_keys = ("rope_parameters", "rope_scaling", "max_position_embeddings")
+        changed = {key: scaled[key] for key in rope_keys if key in scaled}
+        return AutoConfig.from_pretrained(ref.path, **changed)
     except (OSError, ValueError, KeyError) as exc:
         raise ModelError(f"{ref.path}: cannot read the model's config.json ({exc}).") from None
 
 
-def check_seq_len(seq_len: int, model_config, setting: str = "train.seq_len") -> None:
-    """Refuse a context longer than the model's positions, naming the setting to lower."""
-    limit = getattr(model_config, "max_position_embeddings", None)
-    if limit and seq_len > limit:
-        raise ConfigError(f"{setting}={seq_len} exceeds the model's maximum of {limit}; lower {setting}.")
+def check_seq_len(seq_len: int, ref: BaseModelRef, setting: str = "train.seq_len") -> None:
+    """Refuse a context longer than the model is meant for: the base's trained context, or what the
+    ref's rope scaling extends it to; the message names the setting to lower or the factor to set."""
+    base_config = load_model_config(BaseModelRef(ref.spec, ref.name, ref.path)).to_dict()
+    if base_config.get("max_position_embeddings"):
+        check_context(seq_len, base_config, ref.rope_scaling, setting)
 
 
 def load_tokenizer(ref: BaseModelRef):
@@ -136,6 +153,8 @@ def load_causal_lm(ref: BaseModelRef, dtype: torch.dtype = torch.float32, quanti
     folder = Path(ref.path)
     for weights in sorted(folder.glob("*.safetensors")) if folder.is_dir() else []:
         check_safetensors(weights)  # a truncated file, named, instead of a parser's traceback
+    if ref.rope_scaling is not None:
+        extra["config"] = load_model_config(ref)
     try:
         model, info = AutoModelForCausalLM.from_pretrained(
             ref.path,

@@ -29,7 +29,6 @@ from lorafit.evaluation.tasks import load_task_sets
 from lorafit.model.load import (
     BaseModelRef,
     check_seq_len,
-    load_model_config,
     load_tokenizer,
     resolve_base,
     weights_fingerprint,
@@ -93,8 +92,8 @@ def prepare_run_inputs(
     model answer ('auto' self-distillation and replay) may run here (not under FSDP/ZeRO-3 yet)."""
     train, evaluation = config.train, config.eval
     check_quantization(config.model.quantization, device)  # before any work
-    ref = resolve_base(config.model.base)
-    check_seq_len(train.seq_len, load_model_config(ref))  # before any expensive work
+    ref = resolve_base(config.model.base, config.model.rope_scaling)
+    check_seq_len(train.seq_len, ref)  # before any expensive work
     tokenizer = load_tokenizer(ref)
     documents = load_run_documents(config.data, folder.data, tokenizer)
     # Instruction data and task evaluation render prompts with one template, chosen (and checked) here.

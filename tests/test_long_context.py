@@ -83,6 +83,13 @@ def test_rope_scaling_travels_with_the_adapter_through_loading_merge_and_export(
         merged = AutoModelForCausalLM.from_pretrained(merged_dir, dtype=torch.float32)(input_ids=ids).logits
     torch.testing.assert_close(merged, expected, atol=2e-4, rtol=1e-4)
 
+    from lorafit.serve.vllm import vllm_command  # vLLM's server gets the same scaling and context
+
+    command = vllm_command({"run": str(run)}, None, "127.0.0.1", 8000, None)
+    overrides = json.loads(command[command.index("--hf-overrides") + 1])
+    assert rope_settings(overrides)["rope_type"] == "linear" and overrides["max_position_embeddings"] == 64
+    assert command[command.index("--max-model-len") + 1] == "64"
+
     exported = tmp_path / "scaled.gguf"
     export_gguf(str(run), exported, "f32", verify=False, pre_tokenizer="gpt-2")
     fields = GGUFReader(str(exported)).fields

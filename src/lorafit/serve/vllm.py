@@ -8,17 +8,22 @@ wrong quietly (the faults users report), then hands the process over to vLLM:
   (vLLM's LoRA path drops them: the served adapter would answer differently);
 - vLLM renders every model with one chat template: it is given the adapters' recorded template,
   and adapters trained with different templates are refused instead of being served with the
-  wrong prompt format."""
+  wrong prompt format;
+- adapters trained with `model.rope_scaling` get the same scaling on vLLM's base (`--hf-overrides`)
+  and its context (`--max-model-len`): without it vLLM would serve them at the base's positions."""
 
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 import sys
+from pathlib import Path
 
 from lorafit.adapters.load import locate_trained, resolve_trained_base
 from lorafit.errors import UsageError
 from lorafit.integrity import read_json_file
+from lorafit.model.rope import context_limit, with_rope_scaling
 
 
 def vllm_command(
@@ -67,6 +72,11 @@ def vllm_command(
         command += ["--lora-modules", *[f"{name}={item.path}" for name, item in trained.items()]]
     if templates:
         command += ["--chat-template", templates.pop()]
+    if ref.rope_scaling is not None:
+        scaled = with_rope_scaling(read_json_file(Path(ref.path) / "config.json"), ref.rope_scaling)
+        overrides = {key: scaled[key] for key in ("rope_parameters", "rope_scaling") if key in scaled}
+        overrides["max_position_embeddings"] = scaled["max_position_embeddings"]
+        command += ["--hf-overrides", json.dumps(overrides), "--max-model-len", str(context_limit(scaled))]
     if api_key:
         command += ["--api-key", api_key]
     return command

@@ -191,7 +191,7 @@ def test_existing_run_is_not_overwritten_without_flag(tmp_path, tiny_model_dir):
         (["train.lrate=1"], "unknown key 'train.lrate'"),
         (["train.max_steps=-3"], "train.max_steps"),
         (["lora.target_modules=[qq_proj]"], "q_proj"),
-        (["train.seq_len=4096"], "train.seq_len=4096 exceeds the model's maximum of 256"),
+        (["train.seq_len=4096"], "train.seq_len=4096 exceeds the base's trained context of 256 tokens"),
         (["model.base=org/model-that-needs-the-hub"], "org/model-that-needs-the-hub"),
         (["data.train=/no/such/folder"], "/no/such/folder"),
         (["data.chat_template=model", "eval.tasks=[qa.jsonl]"], "tokenizer has no chat template"),

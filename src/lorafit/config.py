@@ -320,7 +320,7 @@ class TrainSection(Section):
     )
     gradient_checkpointing: bool | Literal["auto"] = Field(
         "auto",
-        description="Recompute activations in the backward pass to save memory (about a third slower on a CPU). "
+        description="Recompute activations in the backward pass to save memory (15-25% slower on a CPU). "
         "'auto' turns it on when a micro-batch's activations would take over half the available memory "
         "(long train.seq_len); true/false force it.",
     )

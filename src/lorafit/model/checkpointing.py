@@ -1,14 +1,14 @@
 """Whether a run recomputes activations (gradient checkpointing): on, off, or `auto`.
 
 Checkpointing trades compute for memory: each layer's forward runs twice, which on this 2-core CPU
-costs about a third of the throughput (bench/long_context.py: 341 -> 227 tokens/s at 4 x 512) and
-saves the activations a micro-batch keeps for backward (2.7 -> 1.3 GB peak RSS there). With
+costs 14-25% of the throughput (bench/long_context.py: 328 -> 264 tokens/s at 4 x 512) and saves
+the activations a micro-batch keeps for backward (2.7 -> 1.3 GB peak RSS there). With
 attention memory linear in the sequence length, those activations are what grows with long
 sequences: ~23 KB per token and layer for SmolLM2 in bf16, 5.6 GB for one 8,192-token block. So
 `auto` turns it on only where they would crowd the memory at hand: when a micro-batch's estimated
 activations exceed half the memory available at start-up (the rest is for the weights, the
 optimizer, evaluation and whatever else the machine runs). Elsewhere it never pays: on this 24 GB
-machine a whole 8,192-token block trains without it (8.2 GB peak RSS) 18% faster than with it.
+machine a whole 8,192-token block trains without it (7.9 GB peak RSS) 30% faster than with it.
 """
 
 from __future__ import annotations

@@ -236,7 +236,7 @@ def main() -> None:
     if rss(long_row, "checkpointing") and rss(short_row, "lorafit"):
         ratio = rss(long_row, "checkpointing") / rss(short_row, "lorafit")
         targets.append(f"rss_8192_checkpointing_vs_512={ratio:.2f}")
-    if (4096, 1) in rows and short_row:
+    if rss(rows.get((4096, 1)), "lorafit") and rss(short_row, "lorafit"):
         ratio = rows[(4096, 1)]["lorafit"]["tokens_per_s"] / short_row["lorafit"]["tokens_per_s"]
         targets.append(f"tps_4096_vs_512={ratio:.2f}")
     speedups = [

@@ -244,6 +244,28 @@ def test_gradient_checkpointing_gives_the_same_training(tmp_path, tiny_model_dir
     assert losses["auto"] == losses[True]
 
 
+def test_a_checkpoint_resumes_with_checkpointing_switched_but_not_with_another_lr():
+    """Checkpointing changes memory and speed, not results: a run checkpointed with `false` (the old
+    default) resumes under `auto`; a setting that changes results is still named."""
+    from types import SimpleNamespace
+
+    from lorafit.config_files import build_config
+    from lorafit.training.checkpoint import changed_fingerprints
+    from lorafit.training.run_folder import input_fingerprints
+
+    blocks = SimpleNamespace(digest=lambda: "same blocks")
+
+    def fingerprints(**train):
+        config = build_config({"data": {"train": ["docs"]}, "train": train}, "test")
+        return input_fingerprints(config, blocks, blocks, "same base")
+
+    saved = fingerprints(gradient_checkpointing=False)
+    assert changed_fingerprints(saved, fingerprints(gradient_checkpointing="auto")) == []
+    assert changed_fingerprints(saved, fingerprints(gradient_checkpointing=True, lr=1e-3)) == [
+        "train.lr: 0.0002 -> 0.001"
+    ]
+
+
 def test_auto_checkpointing_turns_on_only_where_activations_crowd_memory(monkeypatch):
     from types import SimpleNamespace
 

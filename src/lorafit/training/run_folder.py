@@ -90,8 +90,10 @@ def keep_metrics_up_to(path: Path, step: int, lines: int | None = None) -> None:
     write_text_atomic(path, "".join(line + "\n" for line in kept))
 
 
-# Settings that change how fast the inputs are made, never what they are: a run may resume with another.
-SAME_RESULT_KEYS = {"data.workers"}
+# Settings that change how fast (or in how much memory) a run computes, never what: a run may resume
+# with another. Gradient checkpointing recomputes the same activations (RNG state preserved); its
+# default became 'auto', which a checkpoint written with `false` must not refuse.
+SAME_RESULT_KEYS = {"data.workers", "train.gradient_checkpointing"}
 
 
 def input_fingerprints(

@@ -88,7 +88,9 @@ def test_train_writes_the_report_by_default(two_runs):
     assert "| domain perplexity |" in markdown and "| base | adapter |" in markdown
     assert "## Transfer" in markdown and f"| {other} (transfer): ROUGE-L |" in markdown
     page = (run / "report.html").read_text()
-    assert page.count("data:image/png;base64,") == 4  # loss curves, two perplexity bars, forgetting
+    # loss curves, two perplexity bars, forgetting, and the adapter's change map (LoRA health)
+    assert page.count("data:image/png;base64,") == 5
+    assert "alt='LoRA change by layer and module type'" in page
     assert "src='http" not in page and 'src="http' not in page  # self-contained
 
 
@@ -281,7 +283,7 @@ def test_html_report_renders_in_chromium(two_runs, tmp_path):
     assert marker in dom, dom[-2000:]
     check = json.loads(dom.split(marker, 1)[1].split("</pre>", 1)[0].replace("&quot;", '"'))
     # Every plot decoded to a real image, and the tables laid out with every cell filled.
-    assert len(check["images"]) == 4
+    assert len(check["images"]) == 5  # loss, two perplexity bars, forgetting, the LoRA change map
     assert all(img["done"] and img["w"] > 200 and img["h"] > 150 for img in check["images"])
     tables = {t["id"]: t for t in check["tables"]}
     assert tables["quality"]["rows"] >= 4 and tables["cost"]["rows"] == 7

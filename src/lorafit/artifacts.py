@@ -32,6 +32,11 @@ RUN_ENTRIES = (
     "adapter-init",
     "model",
     "data",
+    # train.report_to: what each tracker has received, and the trackers' own local files.
+    "trackers.json",
+    "tensorboard",
+    "wandb",
+    "mlruns",
 )
 
 
@@ -55,6 +60,7 @@ class RunFolder:
     model = property(lambda self: self.root / "model")  # train.method: full
     data = property(lambda self: self.root / "data")  # raw documents prepared on the fly
     report = property(lambda self: self.root / "report.html")
+    trackers = property(lambda self: self.root / "trackers.json")  # train.report_to's runs and progress
 
     def report_files(self) -> dict[str, Path]:
         return {name: self.root / name for name in REPORT_FILES}

@@ -328,6 +328,23 @@ class TrainSection(Section):
         128, ge=16, description="Tokens per chunk of the fused output-layer loss (bounds logits memory)."
     )
     log_every: int = Field(1, ge=1, description="Write a metrics line every N optimizer steps.")
+    monitor_every: int = Field(
+        10,
+        ge=0,
+        description="Every N steps, per LoRA module: the norm of its weight change s*B*A and of the gradients of A "
+        "and B, by layer and module type into metrics.jsonl (event lora_norms) and the trackers, with warnings "
+        "for modules that do not learn or explode (0 = off).",
+    )
+    report_to: list[Literal["tensorboard", "wandb", "mlflow", "trackio"]] = Field(
+        default_factory=list,
+        description="Trackers that also receive every metrics.jsonl scalar, the config, the summary and the "
+        "report's plots, through accelerate (each needs its extra: pip install 'lorafit[tensorboard]'). "
+        "TensorBoard writes RUN/tensorboard; W&B and MLflow follow their environment (WANDB_MODE, "
+        "MLFLOW_TRACKING_URI; without it, a store in RUN/mlruns).",
+    )
+    tracker_project: str = Field(
+        "lorafit", min_length=1, description="The W&B / trackio project and the MLflow experiment of train.report_to."
+    )
     max_bad_steps: int = Field(
         3, ge=1, description="Non-finite steps in a row (each skipped) before rolling back to the last checkpoint."
     )

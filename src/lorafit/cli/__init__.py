@@ -5,6 +5,7 @@ Commands are registered here, in the order of the pipeline (`lorafit --help` lis
 from lorafit.cli.adapter_commands import chat, combine, export, merge
 from lorafit.cli.app import _fields_help, app, bare_resume_means_latest, console, guarded, run
 from lorafit.cli.data_commands import prepare
+from lorafit.cli.env_commands import env
 from lorafit.cli.eval_commands import evaluate_models
 from lorafit.cli.serve_commands import serve
 from lorafit.cli.train_commands import train
@@ -17,5 +18,6 @@ app.command()(guarded(export))
 app.command()(guarded(chat))
 app.command()(guarded(combine))
 app.command()(guarded(serve))
+app.command()(guarded(env))
 
 __all__ = ["app", "bare_resume_means_latest", "console", "run"]

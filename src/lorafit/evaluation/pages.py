@@ -158,6 +158,42 @@ def data_lines(report: dict) -> list[str]:
 # --- Markdown ---------------------------------------------------------------------------------------
 
 
+def lora_health_lines(health: dict) -> list[str]:
+    """What the change map says in words: the most and least changed module types and layers."""
+    changes = health.get("change_map")
+    if not changes:
+        return []
+    cells = [
+        (value, layer, kind)
+        for layer, row in zip(changes["layers"], changes["relative"])
+        for kind, value in zip(changes["types"], row)
+        if value is not None
+    ]
+    if not cells:
+        return []
+    top, low = max(cells), min(cells)
+    return [
+        f"‖ΔW‖ / ‖W‖ of the final adapter over {len(changes['layers'])} layers x {len(changes['types'])} module "
+        f"types: largest {top[0]:.4f} (layer {top[1]} {top[2]}), smallest {low[0]:.4f} (layer {low[1]} {low[2]}). "
+        "The heat map under Plots shows every module."
+    ]
+
+
+def lora_warning_lines(health: dict) -> list[str]:
+    return [f"step {w['step']}: {w['module']}: {w['message']}" for w in health.get("warnings") or []]
+
+
+def lora_health_markdown(health: dict | None) -> list[str]:
+    if not health:
+        return []
+    out = ["## LoRA health", ""]
+    out += [f"- {line}" for line in lora_health_lines(health)]
+    out += [f"- **Warning:** {line}" for line in lora_warning_lines(health)]
+    if len(out) == 2:
+        out.append("- No module flagged.")
+    return out + [""]
+
+
 def _md_cell(text: str) -> str:
     return text.replace("|", "\\|").replace("\n", "<br>")
 
@@ -183,6 +219,7 @@ def render_markdown(report: dict) -> str:
     if report.get("transfer"):
         out += ["## Transfer", ""] + [f"- **Warning:** {w}" for w in report["transfer"]["warnings"]]
         out += ["", _md_table(header, transfer_rows(report)), ""]
+    out += lora_health_markdown(report.get("lora_health"))
     out += ["## Cost", "", _md_table(header, cost_rows(report)), ""]
     out += ["## Data", ""] + [f"- {line}" for line in data_lines(report)] + [""]
     if report["generations"]:
@@ -243,6 +280,11 @@ def render_html(report: dict, plots: dict[str, str]) -> str:
         for caption, png in plots.items():
             parts.append(f"<figure><img alt='{html.escape(caption)}' src='data:image/png;base64,{png}'></figure>")
         parts.append("</div>")
+    health = report.get("lora_health")
+    if health:
+        parts.append("<h2 id='lora-health'>LoRA health</h2>")
+        parts += [f"<p>{html.escape(line)}</p>" for line in lora_health_lines(health)]
+        parts += [f"<p class='warning'>Warning: {html.escape(w)}</p>" for w in lora_warning_lines(health)]
     parts += ["<h2>Cost</h2>", _html_table(header, cost_rows(report), "cost")]
     parts += ["<h2>Data</h2><ul>"] + [f"<li>{html.escape(line)}</li>" for line in data_lines(report)] + ["</ul>"]
     if report["generations"]:

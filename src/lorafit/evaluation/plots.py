@@ -109,6 +109,44 @@ def forgetting_bars(models: list[dict]) -> str | None:
     return _png(figure)
 
 
+def lora_change_heatmap(health: dict | None) -> str | None:
+    """Layers (rows) x module types (columns): the final ‖ΔW‖ / ‖W‖ of each adapted module."""
+    changes = (health or {}).get("change_map")
+    if not changes:
+        return None
+    import numpy as np
+
+    layers, kinds = changes["layers"], changes["types"]
+    values = np.array([[np.nan if v is None else v for v in row] for row in changes["relative"]], dtype=float)
+    figure, axes = _figure(max(4.0, 1.0 + 0.9 * len(kinds)), max(3.0, 0.9 + 0.22 * len(layers)))
+    image = axes.imshow(values, aspect="auto", cmap="viridis", interpolation="nearest")
+    axes.set_xticks(range(len(kinds)), kinds, rotation=30, ha="right", fontsize=8)
+    step = max(1, len(layers) // 16)
+    axes.set_yticks(range(0, len(layers), step), [str(layer) for layer in layers[::step]], fontsize=8)
+    axes.set_ylabel("layer")
+    axes.set_title("Where the adapter changed the model: ‖ΔW‖ / ‖W‖")
+    figure.colorbar(image, ax=axes, fraction=0.046, pad=0.04)
+    return _png(figure)
+
+
+def lora_norm_curves(health: dict | None) -> str | None:
+    """‖ΔW‖ by step, one line per module type (all layers of the type together)."""
+    curves = (health or {}).get("curves")
+    if not curves:
+        return None
+    figure, axes = _figure(6.4)
+    for index, (kind, points) in enumerate(curves.items()):
+        steps, norms = zip(*points)
+        colour = ADAPTER_COLOURS[index % len(ADAPTER_COLOURS)]
+        axes.plot(steps, norms, color=colour, marker="." if len(points) < 30 else None, label=kind)
+    axes.set_xlabel("optimizer step")
+    axes.set_ylabel("‖ΔW‖ (Frobenius, all layers)")
+    axes.set_title("LoRA weight change by module type")
+    axes.grid(alpha=0.3)
+    axes.legend(fontsize=8)
+    return _png(figure)
+
+
 def report_plots(report: dict) -> dict[str, str]:
     """Caption -> base64 PNG for every plot the report's numbers allow."""
     models = report["models"]
@@ -121,5 +159,7 @@ def report_plots(report: dict) -> dict[str, str]:
             models, "general_ppl", "General-text perplexity", "perplexity", "general_ppl_change_percent"
         ),
         "Forgetting": forgetting_bars(models),
+        "LoRA change by layer and module type": lora_change_heatmap(report.get("lora_health")),
+        "LoRA weight change by step": lora_norm_curves(report.get("lora_health")),
     }
     return {caption: png for caption, png in plots.items() if png is not None}

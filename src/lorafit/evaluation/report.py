@@ -195,3 +195,25 @@ def read_curves(metrics_path: Path) -> dict | None:
         if isinstance(record.get("valid_loss"), (int, float)) and "step" in record:
             valid.append([record["step"], record["valid_loss"]])
     return {"train": train, "valid": valid} if train or valid else None
+
+
+def read_lora_health(metrics_path: Path, change_map: dict | None) -> dict | None:
+    """The report's LoRA health: per module type, ‖ΔW‖ by step (metrics.jsonl's lora_norms
+    events), the monitor's warnings, and the final adapter's change map (layers x types)."""
+    curves: dict[str, list[list[float]]] = {}
+    warnings: list[dict] = []
+    path = Path(metrics_path)
+    for line in path.read_text(encoding="utf-8").splitlines() if path.is_file() else []:
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if record.get("event") == "lora_norms":
+            for kind, values in (record.get("by_type") or {}).items():
+                if isinstance(values.get("delta"), (int, float)):
+                    curves.setdefault(kind, []).append([record["step"], values["delta"]])
+        elif record.get("event") == "lora_warning":
+            warnings.append({k: record.get(k) for k in ("step", "module", "kind", "message")})
+    if not curves and not warnings and not change_map:
+        return None
+    return {"change_map": change_map, "curves": curves, "warnings": warnings}

@@ -77,6 +77,8 @@ class LoopHooks:
     # train.early_stopping_metric on eval.tasks: (name, value) now; None keeps the validation loss.
     task_metric: Callable[[], tuple[str, float]] | None = None
     on_step_end: Callable[[LoopState, dict], None] = lambda state, position: None
+    # Called with the step's number once its gradients are complete (before clipping): the LoRA monitor.
+    on_gradients: Callable[[int], None] = lambda step: None
     stop_requested: Callable[[], bool] = lambda: False
     progress: object = None
 
@@ -153,6 +155,7 @@ def train_loop(
         else:
             if engine.scaler is not None:
                 engine.scaler.unscale_(optimizer)  # clipping and the norm see the true gradients
+            hooks.on_gradients(state.step + 1)
             grad_norm = clip_gradients(engine, params, train.max_grad_norm)
             outcome = optimizer_step(engine, loss, grad_norm)
         if outcome == "stepped":

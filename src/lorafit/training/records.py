@@ -12,7 +12,14 @@ from lorafit.config import EvalSection, RunConfig
 from lorafit.data.datasets import validation_files
 from lorafit.data.formats import Conversation
 from lorafit.evaluation.core import MeasuredModel, evaluation_report, task_answer_rows
-from lorafit.evaluation.report import metric_changes, read_curves, training_cost, transfer_summary, write_report
+from lorafit.evaluation.report import (
+    metric_changes,
+    read_curves,
+    read_lora_health,
+    training_cost,
+    transfer_summary,
+    write_report,
+)
 from lorafit.io import write_json_atomic
 from lorafit.model.device import peak_rss_mb
 from lorafit.model.load import tokenizer_identity
@@ -136,6 +143,7 @@ def write_run_report(
     measured: list[MeasuredModel],
     inputs: RunInputs,
     base: BaseModelRecord,
+    lora_health: dict | None = None,
 ) -> dict[str, Path]:
     """report.json/md/html of [base, trained model], the same report `lorafit eval` writes."""
     report = evaluation_report(
@@ -147,6 +155,8 @@ def write_run_report(
         seq_len=config.train.seq_len,
     )
     report["settings"] = {"precision": summary.precision, "device": summary.device, "run": str(folder.root)}
+    if lora_health:
+        report["lora_health"] = lora_health
     return write_report(folder.root, report)
 
 
@@ -158,8 +168,10 @@ def write_run_records(
     summary: RunSummary,
     measured: list[MeasuredModel],
     wall_start: float,
+    lora_changes: dict | None = None,
 ) -> None:
-    """summary.json, tasks.json and the report, from the two measured sides [base, trained]."""
+    """summary.json, tasks.json and the report, from the two measured sides [base, trained];
+    `lora_changes` is the final adapter's change map (model/lora_norms.change_map) for the report."""
     base, tuned = measured
     # A run resumed from an older lorafit's checkpoint kept no base outputs: that side stays empty.
     evaluation, base_outputs = inputs.evaluation, base.outputs or None
@@ -175,4 +187,5 @@ def write_run_records(
     if config.eval.report:
         tuned.evaluation.cost = training_cost(summary)
         tuned.evaluation.curves = read_curves(folder.metrics)
-        write_run_report(folder, config, summary, measured, inputs, base_record)
+        health = read_lora_health(folder.metrics, lora_changes)
+        write_run_report(folder, config, summary, measured, inputs, base_record, health)

@@ -66,8 +66,8 @@ def _run_stages(
     resume: str | None,
     ignore_changes: bool,
 ) -> RunResult:
+    run = TrainingRun(config, folder, console, stops, accelerator, engine)
     try:
-        run = TrainingRun(config, folder, console, stops, accelerator, engine)
         run.set_up()
         if resuming:
             run.resume(resume, ignore_changes)
@@ -77,6 +77,8 @@ def _run_stages(
         return run.finish()
     except KeyboardInterrupt:
         raise interrupted_at_once(folder.root, stops.signal_name or "SIGINT") from None
+    finally:
+        run.close_trackers()  # a stopped or failed run's tracker runs end too (resumed from trackers.json)
 
 
 def main_decision(accelerator, value):

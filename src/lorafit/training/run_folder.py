@@ -93,7 +93,14 @@ def keep_metrics_up_to(path: Path, step: int, lines: int | None = None) -> None:
 # Settings that change how fast (or in how much memory) a run computes, never what: a run may resume
 # with another. Gradient checkpointing recomputes the same activations (RNG state preserved); its
 # default became 'auto', which a checkpoint written with `false` must not refuse.
-SAME_RESULT_KEYS = {"data.workers", "train.gradient_checkpointing"}
+# Where a run is watched from (trackers, the LoRA monitor) changes nothing it computes either.
+SAME_RESULT_KEYS = {
+    "data.workers",
+    "train.gradient_checkpointing",
+    "train.monitor_every",
+    "train.report_to",
+    "train.tracker_project",
+}
 
 
 def input_fingerprints(

@@ -35,6 +35,7 @@ from lorafit.model.device import (
 )
 from lorafit.model.load import weights_fingerprint
 from lorafit.model.lora import changes_base_weights, optimizer_groups
+from lorafit.model.lora_norms import change_map, module_norms
 from lorafit.model.prepare import prepare_trainable_model
 from lorafit.training import faults
 from lorafit.training.base_cache import base_measurement_file, keep_base_measurement, read_base_measurement
@@ -55,6 +56,7 @@ from lorafit.training.loop import (
     record_validation,
     train_loop,
 )
+from lorafit.training.lora_monitor import make_monitor
 from lorafit.training.neftune import add_embedding_noise
 from lorafit.training.progress import training_progress
 from lorafit.training.records import adapter_record, add_general, run_summary, write_run_records
@@ -62,6 +64,7 @@ from lorafit.training.run_folder import input_fingerprints, metrics_line_count
 from lorafit.training.run_state import RunProgress, RunResult
 from lorafit.training.sharded_state import DEEPSPEED, FSDP, PLAIN, full_trainable_state, held_here, load_trainable_state
 from lorafit.training.task_check import task_metric_check
+from lorafit.training.trackers import RunTrackers, check_trackers_installed, open_trackers
 
 EVA_INIT_BLOCKS = 64  # training blocks shown to the data-driven EVA init
 
@@ -90,6 +93,7 @@ class TrainingRun:
         self.progress = RunProgress()
         self.wall_start = time.perf_counter()
         self.startup_seconds: float | None = None
+        self.trackers: RunTrackers | None = None
 
     # --- set-up ------------------------------------------------------------------------------------
 
@@ -107,6 +111,7 @@ class TrainingRun:
         if self.partitioned_weights:
             refuse_under_partitioned_weights(self.config, self.engine)
         self.scaler = None if self.deepspeed_run else loss_scaler(self.precision, self.device)
+        check_trackers_installed(self.train_cfg.report_to)
         seed_everything(self.train_cfg.seed)
         # The first process prepares (and caches) the documents; the others then read its results.
         with self.accelerator.main_process_first():
@@ -181,6 +186,9 @@ class TrainingRun:
             f"({report.percent:.3f}%)  " + "  ".join(f"{name} {count:,}" for name, count in report.by_module.items())
         )
         self.console.print(f"gradient checkpointing {self.trainable.checkpointing.reason}")
+        self.monitor, monitoring = make_monitor(model, train.monitor_every, self.engine, self.log_metrics, self._warn)
+        if self.trainable.method == "lora":
+            self.console.print(f"LoRA monitor {monitoring}")
         self.initial_adapter = None
         lora = self.trainable.method == "lora"
         if lora and changes_base_weights(self.config.lora) and self.accelerator.is_main_process:
@@ -212,6 +220,20 @@ class TrainingRun:
     def log_metrics(self, record: dict) -> None:
         if self.accelerator.is_main_process:
             append_jsonl(self.folder.metrics, record)
+            if self.trackers is not None:
+                self.trackers.send(record)
+
+    def _warn(self, message: str) -> None:
+        self.console.print(f"[yellow]warning:[/] {escape(message)}")
+
+    def close_trackers(self) -> None:
+        if self.trackers is not None:
+            self.trackers.close()
+            self.trackers = None
+
+    def _monitor_step(self, step: int) -> None:
+        if self.monitor is not None and self.monitor.due(step):
+            self.monitor.check(step)
 
     def validate(self, blocks=None) -> LossResult:
         """Validation loss on `blocks` (default: the periodic validations' capped blocks)."""
@@ -298,6 +320,11 @@ class TrainingRun:
         # Start-up: everything before the first step (inputs read, model loaded, base measured).
         self.startup_seconds = time.perf_counter() - self.wall_start
         self.console.print(f"start-up {self.startup_seconds:.1f} s")
+        if self.accelerator.is_main_process and self.train_cfg.report_to:
+            # Opened once start or resume has settled metrics.jsonl: a tracker gets what it has not seen.
+            config = self.config.model_dump(mode="json")
+            self.trackers = open_trackers(self.train_cfg.report_to, self.train_cfg.tracker_project, self.folder, config)
+            self.console.print(f"[bold]trackers[/] {', '.join(self.train_cfg.report_to)}")
         deepspeed = self.objective if self.deepspeed_run else None  # accelerate returns the DeepSpeedEngine
         engine = LoopEngine(
             self.accelerator,
@@ -318,6 +345,7 @@ class TrainingRun:
                 stop_requested=stop_requested,
                 progress=bar,
                 task_metric=self.task_metric,
+                on_gradients=self._monitor_step,
             )
             while True:
                 try:
@@ -391,7 +419,14 @@ class TrainingRun:
         tuned = self._measure_trained(after, saved)
         add_general(summary, base.evaluation.general, tuned.evaluation.general)
         measured = [base, tuned]
-        write_run_records(self.folder, self.config, self.inputs, self.base_record, summary, measured, self.wall_start)
+        # Where the adapter changed the model: the kept weights' ‖ΔW‖ / ‖W‖ by layer and module type.
+        changes = change_map(module_norms(self.tuned_model)) if self.trainable.method == "lora" else None
+        write_run_records(
+            self.folder, self.config, self.inputs, self.base_record, summary, measured, self.wall_start, changes
+        )
+        if self.trackers is not None:
+            reported = self.folder.report_files() if self.config.eval.report else None
+            self.trackers.finish_run(summary.to_json(), state.step, reported)
         return RunResult(self.folder.root, summary)
 
     def _choose_weights(self, state: LoopState) -> LossResult:

@@ -11,9 +11,9 @@ if ! .venv/bin/python -c "import deepspeed" >/dev/null 2>&1; then
 fi
 # train.report_to is tested against the trackers themselves (TensorBoard's event reader, MLflow's
 # client on a SQLite store, W&B's offline run files): their extras, pinned like everything else.
-if ! .venv/bin/python -c "import tensorboard, wandb, mlflow, sqlalchemy" >/dev/null 2>&1; then
-  echo "setup: installing the tracker extras (tensorboard, wandb, mlflow) for the tracking tests ..."
-  .venv/bin/python -m pip install --quiet --disable-pip-version-check -c constraints.txt -e ".[tensorboard,wandb,mlflow]"
+if ! .venv/bin/python -c "import tensorboard, wandb, mlflow, sqlalchemy, trackio" >/dev/null 2>&1; then
+  echo "setup: installing the tracker extras (tensorboard, wandb, mlflow, trackio) for the tracking tests ..."
+  .venv/bin/python -m pip install --quiet --disable-pip-version-check -c constraints.txt -e ".[tensorboard,wandb,mlflow,trackio]"
 fi
 # The HTML report is checked in a real browser: Debian's chromium (skipped only where it is absent).
 if ! command -v chromium >/dev/null 2>&1; then

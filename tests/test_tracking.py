@@ -24,7 +24,7 @@ from lorafit.training.trackers import check_trackers_installed, flat_scalars, tr
 
 def lorafit(*args: str, home: Path, fault: str | None = None) -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items() if k != "LORAFIT_FAULT"}
-    env.update(WANDB_MODE="offline", WANDB_SILENT="true", LORAFIT_HOME=str(home))
+    env.update(WANDB_MODE="offline", WANDB_SILENT="true", LORAFIT_HOME=str(home), TRACKIO_DIR=str(home / "trackio"))
     env.pop("MLFLOW_TRACKING_URI", None)
     if fault:
         env["LORAFIT_FAULT"] = fault
@@ -61,7 +61,7 @@ def wandb_records(path: Path) -> list:
 
 @pytest.fixture(scope="module")
 def tracked_run(tmp_path_factory, tiny_model_dir):
-    """One run killed after step 7 (checkpoints at 3 and 6) and resumed, reporting to all three."""
+    """One run killed after step 7 (checkpoints at 3 and 6) and resumed, reporting to all four."""
     tmp_path = tmp_path_factory.mktemp("tracked")
     home = tmp_path / "home"
     home.mkdir()
@@ -73,12 +73,13 @@ def tracked_run(tmp_path_factory, tiny_model_dir):
         save_every=3,
         eval_every=4,
         monitor_every=2,
-        report_to=["tensorboard", "mlflow", "wandb"],
+        report_to=["tensorboard", "mlflow", "wandb", "trackio"],
     )
     run = tmp_path / "run"
     killed = lorafit("train", str(config), "--out", str(run), home=home, fault="kill_after_step:7")
     assert killed.returncode == -signal.SIGKILL, killed.stdout + killed.stderr
-    resumed = lorafit("train", str(config), "--out", str(run), "--resume", home=home)
+    # A setting a resume may change (data.workers): MLflow must not be sent the config again.
+    resumed = lorafit("train", str(config), "--out", str(run), "--resume", "--set", "data.workers=1", home=home)
     assert resumed.returncode == 0, resumed.stdout + resumed.stderr
     return run
 
@@ -138,6 +139,22 @@ def test_wandb_offline_files_continue_one_run(tracked_run):
     # attempt sends again every line W&B had not stored at a clean close (here: all of them, once).
     assert steps == list(range(1, 11))
     assert {"lora.r", "train.lr"} <= config_keys
+
+
+def test_trackio_store_queried_back_with_its_own_storage(tracked_run):
+    # trackio reads TRACKIO_DIR when it is imported: queried in a process of its own.
+    query = (
+        "import json; from trackio.sqlite_storage import SQLiteStorage as S; "
+        f"print(json.dumps([S.get_runs('lorafit'), S.get_logs('lorafit', {tracked_run.name!r})]))"
+    )
+    env = dict(os.environ, TRACKIO_DIR=str(tracked_run.parent / "home" / "trackio"))
+    found = subprocess.run([sys.executable, "-c", query], capture_output=True, text=True, env=env, check=True)
+    runs, logs = json.loads(found.stdout.strip().splitlines()[-1])
+    assert runs == [tracked_run.name]  # the resume continued the same run
+    loss_steps = [row["step"] for row in logs if "loss" in row]
+    # trackio writes in the background like W&B: the resumed process sent every step again, in order.
+    assert loss_steps[-10:] == list(range(1, 11))
+    assert any(key.startswith("lora_norms/by_type/") for row in logs for key in row)
 
 
 def test_monitor_records_and_report_heat_map(tracked_run):

@@ -123,7 +123,8 @@ class RunTrackers:
             # A tracker failing to close must not hide the run's outcome.
             with contextlib.suppress(Exception):
                 tracker.finish()
-                self.state[name]["lines"] = self.sent[name]  # written out by now
+                # Written out by now (what STORED_ON_LOG trackers had stored already).
+                self.state[name].update(lines=self.sent[name], config_logged=True)
         if self.trackers:
             self._save()
         self.trackers = {}
@@ -150,8 +151,11 @@ def open_trackers(report_to: list[str], project: str, folder: RunFolder, config:
             trackers[name] = tracker
             if name == "mlflow":
                 entry["run_id"] = tracker.active_run.info.run_id
-            if entry["lines"] == 0:
+            if not entry.get("config_logged"):
+                # Once per tracker run: MLflow refuses a parameter logged again with another value
+                # (a resume may change data.workers, say).
                 tracker.store_init_configuration(hyperparameters(config))
+                entry["config_logged"] = name in STORED_ON_LOG  # the others: once closed cleanly
             # Backfill what it missed (all of it for a new tracker); never resend what it has.
             for number, record in enumerate(lines, 1):
                 if number > entry["lines"] and (values := tracker_values(record)):

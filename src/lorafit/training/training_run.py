@@ -4,7 +4,6 @@ the checkpoint, rollback and interrupt policy in `Checkpointer`."""
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import functools
 import random
@@ -38,7 +37,8 @@ from lorafit.model.lora import changes_base_weights, optimizer_groups
 from lorafit.model.lora_norms import change_map, module_norms
 from lorafit.model.prepare import prepare_trainable_model
 from lorafit.training import faults
-from lorafit.training.base_cache import base_measurement_file, keep_base_measurement, read_base_measurement
+from lorafit.training.base_cache import base_measurement_file
+from lorafit.training.base_stage import base_cost, measure_base, reuse_base_measurement
 from lorafit.training.checkpointer import Checkpointer
 from lorafit.training.engines import (
     PARTITIONED_NAMES,
@@ -243,46 +243,17 @@ class TrainingRun:
     # --- start or resume ---------------------------------------------------------------------------
 
     def start(self) -> None:
-        """A new run: its config.yaml, then the base model measured as set up (an adapter at its
-        initialisation computes the base model's function; one started from a trained adapter,
-        lora.init_from, is switched off), kept in base_outputs.json."""
+        """A new run: its config.yaml, then the base model measured as set up (base_stage.py),
+        kept in base_outputs.json."""
         # Written once every input has been checked: a run that failed on bad input leaves no
         # config.yaml behind, so retrying into the same --out is not refused as "already a run".
         if self.accelerator.is_main_process:
             write_text_atomic(self.folder.config, config_to_yaml(self.config))
         faults.at_stage("base")
-        base = self._reuse_base_measurement() or self._measure_base()
+        base = reuse_base_measurement(self) or measure_base(self)
         if self.accelerator.is_main_process:
             write_json_atomic(self.folder.base_outputs, base.outputs)
         self._keep_base(base)
-
-    def _measure_base(self) -> MeasuredModel:
-        """The base model as set up (a run started from a trained adapter switches it off)."""
-        self.console.print("measuring validation perplexity of the base model...")
-        started_trained = bool(self.config.lora.init_from)
-        with self.tuned_model.disable_adapter() if started_trained else contextlib.nullcontext():
-            before = self.validate(self.inputs.evaluation.domain)
-            self.log_metrics({"step": 0, "valid_loss": round(before.loss, 6), "valid_ppl": round(before.perplexity, 4)})
-            records = self.inputs.evaluation.records
-            if records:
-                self.console.print(f"scoring the base model on {len(records)} task records...")
-            path, evaluation, cost = self.base_record.path, self.inputs.evaluation, self._base_cost()
-            model, objective = self.tuned_model, self.eval_objective
-            base = measure_model(model, objective, "base", "base", path, evaluation, cost, None, before)
-        if self.accelerator.is_main_process:
-            keep_base_measurement(self.base_cache, before, base.evaluation.general, base.outputs)
-        return base
-
-    def _reuse_base_measurement(self) -> MeasuredModel | None:
-        """The base measured by an earlier run on the same data and settings (base_cache)."""
-        kept = read_base_measurement(self.base_cache)
-        if kept is None:
-            return None
-        before, general, outputs = kept
-        self.console.print(f"base model: measured by an earlier run on the same data and settings ({self.base_cache})")
-        self.log_metrics({"step": 0, "valid_loss": round(before.loss, 6), "valid_ppl": round(before.perplexity, 4)})
-        path, cost = self.base_record.path, self._base_cost()
-        return MeasuredModel.from_parts("base", "base", path, before, general, outputs, cost)
 
     def resume(self, resume: str, ignore_changes: bool) -> None:
         """Continue from checkpoint `resume`; the base's measurements come from the checkpoint and
@@ -292,14 +263,11 @@ class TrainingRun:
         before = LossResult(**record["before"])
         general = LossResult(**record["general_before"]) if record.get("general_before") else None
         outputs = read_json_file(self.folder.base_outputs) if self.folder.base_outputs.is_file() else None
-        path, cost = self.base_record.path, self._base_cost()
+        path, cost = self.base_record.path, base_cost(self)
         base = MeasuredModel.from_parts("base", "base", path, before, general, outputs, cost)
         self.progress = RunProgress(resumed.state, resumed.position, str(resumed.checkpoint))
         self._keep_base(base)
         self.console.print(f"resuming from {resumed.checkpoint} (step {resumed.state.step})")
-
-    def _base_cost(self) -> dict:
-        return {"total_parameters": self.trainable.report.total}
 
     def _keep_base(self, base: MeasuredModel) -> None:
         self.progress.base = base

@@ -223,6 +223,44 @@ def test_monitor_flags_a_module_whose_learning_rate_is_zero_and_not_the_others(t
     assert final["0.self_attn.q_proj"].delta == 0.0 and final["1.self_attn.q_proj"].delta > 0
 
 
+class BrokenTracker:
+    """A tracker whose backend has gone away (a tracking server down): every call raises."""
+
+    def log(self, values, step=None):
+        raise ConnectionError("tracking server unreachable")
+
+    def finish(self):
+        raise ConnectionError("tracking server unreachable")
+
+
+def test_a_tracker_that_fails_mid_run_is_dropped_with_a_warning_and_the_rest_go_on(tmp_path):
+    from lorafit.artifacts import RunFolder
+    from lorafit.training.trackers import RunTrackers
+
+    class Kept:
+        def __init__(self):
+            self.logged = []
+
+        def log(self, values, step=None):
+            self.logged.append((step, values))
+
+        def finish(self):
+            pass
+
+    kept, warnings = Kept(), []
+    state = {"mlflow": {"lines": 2}, "tensorboard": {"lines": 2}}
+    trackers = RunTrackers(
+        RunFolder(tmp_path), {"mlflow": BrokenTracker(), "tensorboard": kept}, state, lines=2, warn=warnings.append
+    )
+    trackers.sent = {"mlflow": 2, "tensorboard": 2}
+    trackers.send({"step": 3, "loss": 1.5})
+    trackers.send({"step": 4, "loss": 1.25})
+    assert kept.logged == [(3, {"loss": 1.5}), (4, {"loss": 1.25})]
+    assert len(warnings) == 1 and "mlflow failed" in warnings[0] and "unreachable" in warnings[0]
+    saved = json.loads((tmp_path / "trackers.json").read_text())
+    assert saved["mlflow"]["lines"] == 2 and saved["tensorboard"]["lines"] == 4  # a resume backfills mlflow
+
+
 def test_a_tracker_without_its_package_names_the_extra(monkeypatch):
     import importlib.util
 

@@ -17,11 +17,12 @@ import json
 import math
 import os
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from lorafit.artifacts import RunFolder
-from lorafit.errors import ConfigError
+from lorafit.errors import ConfigError, LorafitError
 from lorafit.integrity import read_json_file
 from lorafit.io import write_json_atomic
 
@@ -91,32 +92,46 @@ class RunTrackers:
     state: dict[str, dict] = field(default_factory=dict)  # trackers.json: lines each has stored, run ids
     lines: int = 0  # metrics.jsonl lines so far
     sent: dict[str, int] = field(default_factory=dict)  # lines handed to each tracker in this process
+    warn: Callable[[str], None] = lambda message: None
 
     def send(self, record: dict) -> None:
         """The metrics line just appended (line number self.lines + 1)."""
         self.lines += 1
         step, values = record.get("step"), tracker_values(record)
-        for name, tracker in self.trackers.items():
+        for name, tracker in list(self.trackers.items()):
             if self.lines > self.sent[name]:
-                if values:
-                    tracker.log(values, step=step)
+                if values and not self._attempt(name, lambda t=tracker: t.log(values, step=step)):
+                    continue
                 self.sent[name] = self.lines
                 if name in STORED_ON_LOG:
                     self.state[name]["lines"] = self.lines
         self._save()
 
+    def _attempt(self, name: str, call: Callable[[], object]) -> bool:
+        """A tracker call; one that fails (a server down, a full disk) drops that tracker for the rest
+        of this process with a warning, and training goes on: metrics.jsonl still has every line,
+        and a later --resume sends the tracker what it missed."""
+        try:
+            call()
+            return True
+        except Exception as error:  # noqa: BLE001 - any tracker failure, reported and contained
+            self.warn(f"train.report_to: {name} failed ({type(error).__name__}: {error}); it gets no more lines now")
+            tracker = self.trackers.pop(name)
+            with contextlib.suppress(Exception):
+                tracker.finish()
+            return False
+
     def finish_run(self, summary: dict, step: int, report_files: dict[str, Path] | None) -> None:
         """The final summary's numbers, and the report: its plots as images, its files as MLflow artifacts."""
         values = flat_scalars({k: v for k, v in summary.items() if k not in ("step",)}, "summary/")
         plots = _report_plots(report_files)
-        for name, tracker in self.trackers.items():
-            if values:
-                tracker.log(values, step=step)
+        for name, tracker in list(self.trackers.items()):
+            if values and not self._attempt(name, lambda t=tracker: t.log(values, step=step)):
+                continue
             if name == "mlflow" and report_files:
-                for path in report_files.values():
-                    tracker.log_artifact(str(path), artifact_path="report")
+                self._attempt(name, lambda t=tracker: [t.log_artifact(str(p), "report") for p in report_files.values()])
             elif name in ("tensorboard", "wandb") and plots:
-                _log_images(name, tracker, plots, step)
+                self._attempt(name, lambda t=tracker, n=name: _log_images(n, t, plots, step))
 
     def close(self) -> None:
         for name, tracker in self.trackers.items():
@@ -133,7 +148,9 @@ class RunTrackers:
         write_json_atomic(self.folder.trackers, self.state)
 
 
-def open_trackers(report_to: list[str], project: str, folder: RunFolder, config: dict) -> RunTrackers | None:
+def open_trackers(
+    report_to: list[str], project: str, folder: RunFolder, config: dict, warn: Callable[[str], None]
+) -> RunTrackers | None:
     """Start (or continue, from trackers.json) each tracker of train.report_to and send it the
     metrics lines it has not received yet. Call on the first process only, after a resume has cut
     metrics.jsonl back to its checkpoint."""
@@ -142,7 +159,8 @@ def open_trackers(report_to: list[str], project: str, folder: RunFolder, config:
     state = read_json_file(folder.trackers) if folder.trackers.is_file() else {}
     trackers: dict[str, object] = {}
     lines = _metrics_lines(folder.metrics)
-    opened = RunTrackers(folder, trackers, state, lines=len(lines))
+    opened = RunTrackers(folder, trackers, state, lines=len(lines), warn=warn)
+    name = ""
     try:
         for name in report_to:
             entry = state.setdefault(name, {"lines": 0})
@@ -163,9 +181,13 @@ def open_trackers(report_to: list[str], project: str, folder: RunFolder, config:
             opened.sent[name] = max(entry["lines"], len(lines))
             if name in STORED_ON_LOG:
                 entry["lines"] = opened.sent[name]
-    except Exception:
+    except Exception as error:  # noqa: BLE001 - named below with the tracker that failed
         opened.close()
-        raise
+        raise LorafitError(
+            f"train.report_to: {name} could not start or catch up ({type(error).__name__}: {error}). Check its "
+            f"settings (WANDB_*, MLFLOW_TRACKING_URI, TRACKIO_DIR) or remove {name} from train.report_to; "
+            "nothing was trained yet."
+        ) from error
     opened._save()
     return opened
 

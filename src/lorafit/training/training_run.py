@@ -291,7 +291,8 @@ class TrainingRun:
         if self.accelerator.is_main_process and self.train_cfg.report_to:
             # Opened once start or resume has settled metrics.jsonl: a tracker gets what it has not seen.
             config = self.config.model_dump(mode="json")
-            self.trackers = open_trackers(self.train_cfg.report_to, self.train_cfg.tracker_project, self.folder, config)
+            train = self.train_cfg
+            self.trackers = open_trackers(train.report_to, train.tracker_project, self.folder, config, self._warn)
             self.console.print(f"[bold]trackers[/] {', '.join(self.train_cfg.report_to)}")
         deepspeed = self.objective if self.deepspeed_run else None  # accelerate returns the DeepSpeedEngine
         engine = LoopEngine(
@@ -388,7 +389,9 @@ class TrainingRun:
         add_general(summary, base.evaluation.general, tuned.evaluation.general)
         measured = [base, tuned]
         # Where the adapter changed the model: the kept weights' ‖ΔW‖ / ‖W‖ by layer and module type.
-        changes = change_map(module_norms(self.tuned_model)) if self.trainable.method == "lora" else None
+        # (Not where the weights are partitioned over the processes: ZeRO-3 and FSDP.)
+        lora_here = self.trainable.method == "lora" and not self.partitioned_weights
+        changes = change_map(module_norms(self.tuned_model)) if lora_here else None
         write_run_records(
             self.folder, self.config, self.inputs, self.base_record, summary, measured, self.wall_start, changes
         )

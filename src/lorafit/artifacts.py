@@ -37,6 +37,7 @@ RUN_ENTRIES = (
     "tensorboard",
     "wandb",
     "mlruns",
+    "ui-launch.log",  # what a run started or resumed from `lorafit ui` printed
 )
 
 

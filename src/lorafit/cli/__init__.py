@@ -9,6 +9,7 @@ from lorafit.cli.env_commands import env
 from lorafit.cli.eval_commands import evaluate_models
 from lorafit.cli.serve_commands import serve
 from lorafit.cli.train_commands import train
+from lorafit.cli.ui_commands import ui
 
 app.command()(guarded(prepare))
 app.command(epilog=_fields_help())(guarded(train))
@@ -19,5 +20,6 @@ app.command()(guarded(chat))
 app.command()(guarded(combine))
 app.command()(guarded(serve))
 app.command()(guarded(env))
+app.command()(guarded(ui))
 
 __all__ = ["app", "bare_resume_means_latest", "console", "run"]

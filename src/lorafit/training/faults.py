@@ -10,6 +10,8 @@
     LORAFIT_FAULT=nan_from_step:N     the loss of every step from N on is NaN (persistent failure)
     LORAFIT_FAULT=overflow_at_step:N  step N's first attempt back-propagates gradients 1e30 times too
                                       large (the loss stays as it is): fp16's loss scaler must skip it
+    LORAFIT_FAULT=slow_steps:MS       every optimizer step takes MS milliseconds longer (a tiny model
+                                      training slowly enough to watch, stop and resume from a page)
     LORAFIT_FAULT=int_at:STAGE        SIGINT when the run reaches STAGE: 'base' (measuring the base
     LORAFIT_FAULT=term_at:STAGE       model, before any step) or 'finish' (after the last step,
                                       before saving); term_at sends SIGTERM
@@ -22,6 +24,7 @@ from __future__ import annotations
 
 import os
 import signal
+import time
 
 import torch
 
@@ -42,6 +45,9 @@ def _once(kind: str, step: int) -> bool:
 
 
 def after_step(step: int) -> None:
+    for kind, value in _faults():
+        if kind == "slow_steps" and value.isdigit():
+            time.sleep(int(value) / 1000)
     signals = {"kill_after_step": signal.SIGKILL, "term_after_step": signal.SIGTERM, "int_after_step": signal.SIGINT}
     for kind, value in _faults():
         if kind in signals and value.isdigit() and step == int(value):

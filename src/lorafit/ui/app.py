@@ -1,0 +1,142 @@
+"""`lorafit ui`'s HTTP surface: one static page and a small JSON API over the run folders under
+--runs, with live curves by server-sent events that tail each run's metrics.jsonl.
+
+Security: the page is served with a token made at start-up; every action (POST) must send it back
+in `X-Lorafit-Token`, which a page of another site cannot read (CSRF). Bound to a loopback address,
+only requests naming that host are served (a DNS-rebinding page gets 403). Beyond loopback
+(`--host 0.0.0.0`) an API key is required: `Authorization: Bearer KEY`, or the cookie the page sets
+after `/?key=KEY`. Run names are plain folder names directly under --runs: no path escapes it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+import secrets
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+
+from fastapi import FastAPI, HTTPException, Request
+from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, RedirectResponse, Response, StreamingResponse
+from fastapi.staticfiles import StaticFiles
+
+from lorafit.ui import runs as run_files
+
+LOOPBACK = {"127.0.0.1", "localhost", "::1", "[::1]"}
+KEY_COOKIE = "lorafit_ui_key"
+POLL_SECONDS = 0.5
+
+
+@dataclass
+class UiSettings:
+    runs: Path
+    host: str = "127.0.0.1"
+    port: int = 7860
+    api_key: str | None = None
+    token: str = field(default_factory=lambda: secrets.token_urlsafe(32))
+
+
+def _static() -> Path:
+    return Path(str(resources.files("lorafit.ui") / "static"))
+
+
+def create_app(settings: UiSettings) -> FastAPI:
+    app = FastAPI(title="lorafit ui", docs_url=None, redoc_url=None, openapi_url=None)
+    root = settings.runs.resolve()
+
+    @app.middleware("http")
+    async def guard(request: Request, call_next):
+        if settings.host in LOOPBACK:
+            host = (request.headers.get("host") or "").rsplit(":", 1)[0]
+            if host not in LOOPBACK:
+                return JSONResponse({"error": "this server answers to its loopback address only"}, status_code=403)
+        if settings.api_key is not None:
+            if request.url.path == "/" and "key" in request.query_params:
+                if not hmac.compare_digest(request.query_params["key"], settings.api_key):
+                    return JSONResponse({"error": "wrong key"}, status_code=401)
+                response = RedirectResponse("/", status_code=303)
+                response.set_cookie(KEY_COOKIE, settings.api_key, httponly=True, samesite="strict")
+                return response
+            given = request.headers.get("authorization", "").removeprefix("Bearer ").strip()
+            given = given or request.cookies.get(KEY_COOKIE, "")
+            if not hmac.compare_digest(given, settings.api_key):
+                return JSONResponse({"error": "an API key is needed: open /?key=KEY"}, status_code=401)
+        token = request.headers.get("x-lorafit-token", "")
+        if request.method not in ("GET", "HEAD") and not hmac.compare_digest(token, settings.token):
+            return JSONResponse({"error": "missing or wrong page token"}, status_code=403)
+        return await call_next(request)
+
+    def folder_of(name: str) -> Path:
+        try:
+            return run_files.run_folder(root, name)
+        except run_files.RunNotFoundError:
+            raise HTTPException(status_code=404, detail=f"no run {name!r} under {root}") from None
+
+    @app.get("/", response_class=HTMLResponse)
+    def index() -> str:
+        page = (_static() / "index.html").read_text(encoding="utf-8")
+        return page.replace("{{TOKEN}}", settings.token).replace("{{RUNS}}", str(root))
+
+    app.mount("/static", StaticFiles(directory=_static()), name="static")
+
+    @app.get("/api/runs")
+    def runs() -> dict:
+        return {"root": str(root), "runs": [view.to_json() for view in run_files.list_runs(root)]}
+
+    @app.get("/api/runs/{name}")
+    def run(name: str) -> dict:
+        return run_files.run_details(folder_of(name))
+
+    @app.get("/api/runs/{name}/metrics")
+    def metrics(name: str, start: int = 0) -> dict:
+        records, next_line = run_files.read_metrics(folder_of(name), max(start, 0))
+        return {"records": records, "next": next_line}
+
+    @app.get("/api/runs/{name}/stream")
+    async def stream(name: str, request: Request, start: int = 0) -> StreamingResponse:
+        """metrics.jsonl as it grows (one event per line, its number as the event id) and the
+        run's status whenever it changes."""
+        folder = folder_of(name)
+
+        async def events():
+            position, status = max(start, int(request.headers.get("last-event-id", "-1")) + 1, 0), None
+            while not await request.is_disconnected():
+                records, next_line = run_files.read_metrics(folder, position)
+                for offset, record in enumerate(records):
+                    yield f"id: {position + offset}\nevent: metric\ndata: {json.dumps(record)}\n\n"
+                position = next_line
+                view = run_files.describe_run(folder).to_json()
+                if view != status:
+                    status = view
+                    yield f"event: status\ndata: {json.dumps(view)}\n\n"
+                await asyncio.sleep(POLL_SECONDS)
+
+        return StreamingResponse(events(), media_type="text/event-stream", headers={"Cache-Control": "no-store"})
+
+    @app.get("/runs/{name}/report")
+    def report(name: str) -> Response:
+        path = folder_of(name) / "report.html"
+        if not path.is_file():
+            raise HTTPException(status_code=404, detail=f"{name} has no report yet (it is written when the run ends)")
+        return FileResponse(path, media_type="text/html")
+
+    @app.post("/api/runs/{name}/stop")
+    def stop(name: str) -> dict:
+        try:
+            pid = run_files.stop_run(folder_of(name))
+        except ProcessLookupError as error:
+            raise HTTPException(status_code=409, detail=str(error)) from None
+        return {"stopped": name, "pid": pid}
+
+    @app.post("/api/runs/{name}/resume")
+    def resume(name: str) -> dict:
+        folder = folder_of(name)
+        try:
+            pid = run_files.resume_run(folder)
+        except RuntimeError as error:
+            raise HTTPException(status_code=409, detail=str(error)) from None
+        return {"resumed": name, "pid": pid, "command": " ".join(run_files.train_command(folder, resume=True))}
+
+    return app

@@ -1,0 +1,201 @@
+"""The runs `lorafit ui` shows, read from their folders (never from the server's memory): a run
+started from a shell shows up like one started from the page, and a restarted server sees the same.
+
+Status of a run folder (one holding config.yaml or summary.json):
+- running: a process holds the folder's lock (`.lorafit-lock`, flock; seen in /proc/locks);
+- finished: summary.json is written;
+- stopped: not running, not finished, with a checkpoint to resume from;
+- failed: not running, not finished, and nothing to resume (it stopped before its first checkpoint).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from lorafit.artifacts import RunFolder
+from lorafit.integrity import read_json_file
+from lorafit.outputs import LOCK
+
+RUN_NAME = re.compile(r"^[\w][\w.+-]{0,127}$")
+LAUNCH_LOG = "ui-launch.log"  # what a run started from the page printed (in its run folder)
+
+
+class RunNotFoundError(LookupError):
+    pass
+
+
+@dataclass
+class RunView:
+    name: str
+    status: str
+    pid: int | None
+    steps: int  # the last logged optimizer step
+    max_steps: int | None
+    checkpoints: int
+    has_report: bool
+    valid_ppl_before: float | None = None
+    valid_ppl_after: float | None = None
+    trainable: int | None = None
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+
+def run_folder(root: Path, name: str) -> Path:
+    """`root/name` for a run directly under `root`; anything else (another path, '..') is not found."""
+    if not RUN_NAME.match(name):
+        raise RunNotFoundError(name)
+    folder = (root / name).resolve()
+    if folder.parent != root.resolve() or not RunFolder(folder).is_run():
+        raise RunNotFoundError(name)
+    return folder
+
+
+def list_runs(root: Path) -> list[RunView]:
+    if not root.is_dir():
+        return []
+    runs = []
+    for entry in sorted(root.iterdir()):
+        if entry.is_dir() and RUN_NAME.match(entry.name) and RunFolder(entry).is_run():
+            runs.append(describe_run(entry))
+    return runs
+
+
+def lock_holder(folder: Path) -> int | None:
+    """The pid holding the folder's lock, from the kernel's table of flock locks (Linux)."""
+    lock = folder / LOCK
+    try:
+        inode = lock.stat().st_ino
+        table = Path("/proc/locks").read_text()
+    except OSError:
+        return None
+    for line in table.splitlines():
+        fields = line.split()
+        # "1: FLOCK  ADVISORY  WRITE 12345 00:2e:1234567 0 EOF"
+        if len(fields) >= 6 and fields[1] == "FLOCK" and fields[5].rsplit(":", 1)[-1] == str(inode):
+            return int(fields[4])
+    return None
+
+
+def describe_run(folder: Path) -> RunView:
+    run = RunFolder(folder)
+    pid = lock_holder(folder)
+    checkpoints = len(list(run.checkpoints.glob("step-*"))) if run.checkpoints.is_dir() else 0
+    summary = _json(run.summary)
+    if pid is not None:
+        status = "running"
+    elif summary is not None:
+        status = "finished"
+    else:
+        status = "stopped" if checkpoints else "failed"
+    config = _config(folder)
+    return RunView(
+        name=folder.name,
+        status=status,
+        pid=pid,
+        steps=_last_step(run.metrics),
+        max_steps=((config or {}).get("train") or {}).get("max_steps"),
+        checkpoints=checkpoints,
+        has_report=run.report.is_file(),
+        valid_ppl_before=(summary or {}).get("valid_ppl_before"),
+        valid_ppl_after=(summary or {}).get("valid_ppl_after"),
+        trainable=((summary or {}).get("trainable_parameters") or {}).get("trainable"),
+    )
+
+
+def run_details(folder: Path) -> dict:
+    """What the page shows of one run: its view, config (as written), summary, data stats."""
+    run = RunFolder(folder)
+    return {
+        "run": describe_run(folder).to_json(),
+        "config_yaml": run.config.read_text(encoding="utf-8") if run.config.is_file() else "",
+        "summary": _json(run.summary),
+        "data": _json(folder / "data" / "stats.json"),
+    }
+
+
+def read_metrics(folder: Path, start: int = 0) -> tuple[list[dict], int]:
+    """metrics.jsonl's complete lines from line `start` on, and the number of the next line (a line
+    still being written, without its newline, waits for the next read)."""
+    path = RunFolder(folder).metrics
+    if not path.is_file():
+        return [], start
+    records, number = [], 0
+    with path.open("rb") as handle:
+        for raw in handle:
+            if not raw.endswith(b"\n"):
+                break
+            if number >= start:
+                try:
+                    records.append(json.loads(raw))
+                except json.JSONDecodeError:
+                    records.append({})
+            number += 1
+    return records, max(number, start)
+
+
+def stop_run(folder: Path) -> int:
+    """SIGTERM to the process training the run: it finishes its step and writes a checkpoint."""
+    pid = lock_holder(folder)
+    if pid is None:
+        raise ProcessLookupError(f"{folder.name} is not running")
+    os.kill(pid, signal.SIGTERM)
+    return pid
+
+
+def train_command(folder: Path, resume: bool) -> list[str]:
+    command = [sys.executable, "-m", "lorafit.cli", "train", str(folder / "config.yaml"), "--out", str(folder)]
+    return command + (["--resume"] if resume else [])
+
+
+def resume_run(folder: Path) -> int:
+    """Continue a stopped run in a process of its own (its output in RUN/ui-launch.log)."""
+    view = describe_run(folder)
+    if view.status == "running":
+        raise RuntimeError(f"{folder.name} is running already")
+    if view.status == "finished":
+        raise RuntimeError(f"{folder.name} has finished")
+    with open(folder / LAUNCH_LOG, "ab") as log:
+        process = subprocess.Popen(
+            train_command(folder, resume=True),
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,  # the run outlives the page's server
+        )
+    return process.pid
+
+
+def _json(path: Path) -> dict | None:
+    try:
+        return read_json_file(path) if path.is_file() else None
+    except Exception:  # noqa: BLE001 - a file being rewritten: shown as missing until the next read
+        return None
+
+
+def _config(folder: Path) -> dict | None:
+    import yaml
+
+    try:
+        return yaml.safe_load((folder / "config.yaml").read_text(encoding="utf-8"))
+    except (OSError, yaml.YAMLError):
+        return None
+
+
+def _last_step(path: Path) -> int:
+    if not path.is_file():
+        return 0
+    last = 0
+    for line in path.read_text(encoding="utf-8").splitlines()[-50:]:
+        try:
+            last = max(last, int(json.loads(line).get("step", 0)))
+        except (json.JSONDecodeError, TypeError, ValueError, AttributeError):
+            continue
+    return last

@@ -1,0 +1,169 @@
+// lorafit ui: the runs under --runs, their loss curves (live while they train), stop and resume.
+"use strict";
+const TOKEN = document.querySelector('meta[name="lorafit-token"]').content;
+const COLOURS = ["#0a84ff", "#ff9f0a", "#30d158", "#bf5af2", "#ff375f", "#64d2ff", "#ac8e68"];
+const curves = new Map();   // run name -> {train: [[step, loss]], valid: [[step, loss]], source: EventSource}
+const plotted = new Set();  // runs overlaid on the chart
+let views = [];             // the runs as /api/runs last described them
+let chart = null;
+
+function say(text) { document.getElementById("message").textContent = text || ""; }
+
+async function api(path, options = {}) {
+  const headers = Object.assign({"X-Lorafit-Token": TOKEN}, options.headers || {});
+  const response = await fetch(path, Object.assign({}, options, {headers}));
+  const body = await response.json().catch(() => ({}));
+  if (!response.ok) throw new Error(body.detail || body.error || response.statusText);
+  return body;
+}
+
+function follow(name) {
+  // Every metrics line from the first, then each new one as the run writes it.
+  if (curves.has(name)) return;
+  const curve = {train: [], valid: [], source: null};
+  curves.set(name, curve);
+  const source = new EventSource(`/api/runs/${encodeURIComponent(name)}/stream`);
+  curve.source = source;
+  source.addEventListener("metric", (event) => {
+    const record = JSON.parse(event.data);
+    if (typeof record.loss === "number") curve.train.push([record.step, record.loss]);
+    if (typeof record.valid_loss === "number") curve.valid.push([record.step, record.valid_loss]);
+    scheduleDraw();
+  });
+  source.addEventListener("status", (event) => {
+    const view = JSON.parse(event.data);
+    views = views.map((v) => (v.name === view.name ? view : v));
+    renderRuns();
+  });
+}
+
+let drawPending = false;
+function scheduleDraw() {
+  if (drawPending) return;
+  drawPending = true;
+  requestAnimationFrame(() => { drawPending = false; draw(); });
+}
+
+function draw() {
+  const names = [...plotted].filter((n) => curves.has(n));
+  const tables = [], series = [{label: "step"}];
+  let points = 0;
+  names.forEach((name, index) => {
+    const curve = curves.get(name), colour = COLOURS[index % COLOURS.length];
+    for (const [kind, rows] of [["train", curve.train], ["valid", curve.valid]]) {
+      const byStep = new Map(rows);  // a step logged twice keeps its last value
+      const steps = [...byStep.keys()].sort((a, b) => a - b);
+      tables.push([steps, steps.map((s) => byStep.get(s))]);
+      points += steps.length;
+      series.push(kind === "train"
+        ? {label: `${name} train`, stroke: colour, width: 1.6, spanGaps: true}
+        : {label: `${name} validation`, stroke: colour, width: 0, dash: [4, 4], spanGaps: true,
+           points: {show: true, size: 7, fill: colour}});
+    }
+  });
+  const element = document.getElementById("chart");
+  element.dataset.points = String(points);
+  if (chart) { chart.destroy(); chart = null; }
+  if (!tables.length) { element.textContent = "Tick a run to plot its loss."; return; }
+  element.textContent = "";
+  const data = uPlot.join(tables);
+  chart = new uPlot({width: Math.max(element.clientWidth, 480), height: 360, series,
+                     scales: {x: {time: false}}, axes: [{label: "optimizer step"}, {label: "loss (nats/token)"}]},
+                    data, element);
+}
+
+function cell(text, cls) { const td = document.createElement("td"); td.textContent = text; if (cls) td.className = cls; return td; }
+
+function renderRuns() {
+  const body = document.querySelector("#runs tbody");
+  body.textContent = "";
+  for (const view of views) {
+    const row = document.createElement("tr");
+    row.dataset.run = view.name;
+    row.dataset.status = view.status;
+    const tick = document.createElement("input");
+    tick.type = "checkbox";
+    tick.checked = plotted.has(view.name);
+    tick.setAttribute("aria-label", `plot ${view.name}`);
+    tick.addEventListener("change", () => {
+      if (tick.checked) { plotted.add(view.name); follow(view.name); } else plotted.delete(view.name);
+      scheduleDraw();
+    });
+    const pick = document.createElement("td"); pick.append(tick); row.append(pick);
+    const name = document.createElement("td");
+    const link = document.createElement("a"); link.className = "run-name"; link.textContent = view.name;
+    link.addEventListener("click", () => showRun(view.name)); name.append(link); row.append(name);
+    const status = document.createElement("td");
+    const badge = document.createElement("span"); badge.className = `status ${view.status}`; badge.textContent = view.status;
+    status.append(badge); row.append(status);
+    row.append(cell(`${view.steps}${view.max_steps ? " / " + view.max_steps : ""}`, "num"));
+    const ppl = view.valid_ppl_after != null ? `${view.valid_ppl_before.toFixed(2)} → ${view.valid_ppl_after.toFixed(2)}` : "";
+    row.append(cell(ppl, "num"));
+    const actions = document.createElement("td");
+    actions.append(...runActions(view));
+    row.append(actions);
+    body.append(row);
+  }
+}
+
+function runActions(view) {
+  const out = [];
+  if (view.status === "running") out.push(button("Stop", () => act(view.name, "stop")));
+  if (view.status === "stopped") out.push(button("Resume", () => act(view.name, "resume")));
+  if (view.has_report) {
+    const link = document.createElement("a");
+    link.href = `/runs/${encodeURIComponent(view.name)}/report`; link.textContent = "report"; link.target = "_blank";
+    out.push(link);
+  }
+  return out;
+}
+
+function button(label, handler) {
+  const b = document.createElement("button"); b.textContent = label; b.addEventListener("click", handler); return b;
+}
+
+async function act(name, action) {
+  try {
+    const result = await api(`/api/runs/${encodeURIComponent(name)}/${action}`, {method: "POST"});
+    say(action === "stop" ? `Stopping ${name}: it finishes its step and writes a checkpoint.`
+                          : `Resumed ${name}: ${result.command}`);
+  } catch (error) { say(`${action} ${name}: ${error.message}`); }
+  setTimeout(refresh, 800);
+}
+
+async function showRun(name) {
+  const detail = await api(`/api/runs/${encodeURIComponent(name)}`);
+  const panel = document.getElementById("detail-panel");
+  panel.hidden = false;
+  document.getElementById("detail-title").textContent = name;
+  document.getElementById("detail-config").textContent = detail.config_yaml;
+  const figures = document.getElementById("detail-figures");
+  figures.textContent = "";
+  const summary = detail.summary || {}, data = summary.data || detail.data || {};
+  const parts = [
+    ["status", detail.run.status],
+    ["trainable parameters", summary.trainable_parameters ? summary.trainable_parameters.trainable.toLocaleString() : "-"],
+    ["train documents", data.train_documents != null ? data.train_documents : "-"],
+    ["train tokens", summary.train_tokens != null ? summary.train_tokens.toLocaleString() : "-"],
+    ["tokens/s", summary.tokens_per_second != null ? summary.tokens_per_second.toFixed(0) : "-"],
+  ];
+  for (const [label, value] of parts) {
+    const span = document.createElement("span"); span.textContent = `${label}: ${value}`; figures.append(span);
+  }
+  const actions = document.getElementById("detail-actions");
+  actions.textContent = ""; actions.append(...runActions(detail.run));
+}
+
+async function refresh() {
+  try {
+    const listing = await api("/api/runs");
+    views = listing.runs;
+    if (!plotted.size && views.length) { plotted.add(views[views.length - 1].name); }
+    for (const name of plotted) follow(name);
+    renderRuns();
+    scheduleDraw();
+  } catch (error) { say(`runs: ${error.message}`); }
+}
+
+refresh();
+setInterval(refresh, 3000);  // new runs started from a shell appear without a reload

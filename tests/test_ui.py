@@ -1,0 +1,235 @@
+"""`lorafit ui`: the run folders' statuses, curves and reports over HTTP, its security rules, and
+the page end to end in a real browser (Playwright driving Debian's chromium)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+from fastapi.testclient import TestClient
+from test_cli import make_corpus, write_config
+
+from lorafit.ui import runs as run_files
+from lorafit.ui.app import UiSettings, create_app
+
+ARTIFACTS = Path(os.environ.get("LORAFIT_TEST_ARTIFACTS", Path(__file__).resolve().parents[1] / "test-artifacts"))
+
+
+def lorafit(*args: str, home: Path, fault: str | None = None, wait: bool = True):
+    env = {k: v for k, v in os.environ.items() if k != "LORAFIT_FAULT"}
+    env["LORAFIT_HOME"] = str(home)
+    if fault:
+        env["LORAFIT_FAULT"] = fault
+    command = [sys.executable, "-m", "lorafit.cli", *args]
+    if wait:
+        return subprocess.run(command, capture_output=True, text=True, env=env)
+    return subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+
+
+def config_for(tmp_path: Path, model_dir: Path, **train) -> Path:
+    path = write_config(tmp_path, model_dir, make_corpus(tmp_path / "docs"), **train)
+    config = yaml.safe_load(path.read_text())
+    config["eval"]["general"] = []  # faster: no forgetting measurement
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+@pytest.fixture(scope="module")
+def runs_root(tmp_path_factory, tiny_model_dir):
+    """A finished run, a stopped one (SIGTERM after step 3: checkpoint) and a failed one."""
+    tmp = tmp_path_factory.mktemp("ui")
+    home, root = tmp / "home", tmp / "runs"
+    home.mkdir()
+    root.mkdir()
+    config = config_for(tmp, tiny_model_dir, max_steps=6, save_every=3, eval_every=3)
+    assert lorafit("train", str(config), "--out", str(root / "done"), home=home).returncode == 0
+    stopped = lorafit("train", str(config), "--out", str(root / "paused"), home=home, fault="term_after_step:4")
+    assert stopped.returncode == 130, stopped.stdout + stopped.stderr
+    (root / "broken").mkdir()
+    (root / "broken" / "config.yaml").write_text("train: {max_steps: 5}\n")
+    (root / "notes").mkdir()  # not a run: not listed
+    return root
+
+
+def client_for(root: Path, **settings) -> tuple[TestClient, UiSettings]:
+    ui = UiSettings(runs=root, **settings)
+    return TestClient(create_app(ui), base_url="http://127.0.0.1:7860"), ui
+
+
+def test_runs_are_listed_with_their_status_from_the_folders(runs_root):
+    client, _ = client_for(runs_root)
+    listing = client.get("/api/runs").json()
+    status = {r["name"]: r["status"] for r in listing["runs"]}
+    assert status == {"done": "finished", "paused": "stopped", "broken": "failed"}
+    done = next(r for r in listing["runs"] if r["name"] == "done")
+    assert done["steps"] == done["max_steps"] == 6 and done["has_report"] and done["valid_ppl_after"] > 0
+    detail = client.get("/api/runs/done").json()
+    assert "max_steps: 6" in detail["config_yaml"] and detail["summary"]["steps"] == 6
+    records = client.get("/api/runs/done/metrics").json()["records"]
+    assert [r["step"] for r in records if "loss" in r] == [1, 2, 3, 4, 5, 6]
+    assert client.get("/runs/done/report").text.startswith("<!DOCTYPE html>")
+    assert client.get("/runs/paused/report").status_code == 404
+
+
+def test_paths_stay_under_runs_and_actions_need_the_page_token(runs_root, tmp_path):
+    client, ui = client_for(runs_root)
+    (runs_root.parent / "outside").mkdir(exist_ok=True)
+    (runs_root.parent / "outside" / "config.yaml").write_text("{}\n")
+    for name in ("..", "..%2Foutside", "%2e%2e", "notes", "nothing"):
+        assert client.get(f"/api/runs/{name}").status_code == 404, name
+    assert client.get("/runs/..%2F..%2Fetc%2Fpasswd/report").status_code == 404
+    # No token (a page of another site posting here): refused, and nothing is started.
+    assert client.post("/api/runs/paused/resume").status_code == 403
+    assert client.post("/api/runs/paused/resume", headers={"X-Lorafit-Token": "guess"}).status_code == 403
+    assert run_files.describe_run(runs_root / "paused").status == "stopped"
+    # The page carries the token; a run that is not running cannot be stopped.
+    page = client.get("/").text
+    assert f'content="{ui.token}"' in page
+    refused = client.post("/api/runs/done/stop", headers={"X-Lorafit-Token": ui.token})
+    assert refused.status_code == 409 and "not running" in refused.json()["detail"]
+    # A DNS-rebinding page reaches the loopback server under another host name: refused.
+    assert client.get("/api/runs", headers={"host": "evil.example:7860"}).status_code == 403
+
+
+def test_beyond_loopback_every_request_needs_the_api_key(runs_root):
+    client, _ = client_for(runs_root, host="0.0.0.0", api_key="s3cret")
+    assert client.get("/api/runs").status_code == 401
+    assert client.get("/").status_code == 401
+    assert client.get("/?key=wrong").status_code == 401
+    login = client.get("/?key=s3cret", follow_redirects=False)
+    assert login.status_code == 303 and "lorafit_ui_key" in login.headers["set-cookie"]
+    assert client.get("/api/runs").status_code == 200  # the cookie now
+    assert (
+        TestClient(create_app(UiSettings(runs=runs_root, host="0.0.0.0", api_key="s3cret")))
+        .get("/api/runs", headers={"Authorization": "Bearer s3cret"})
+        .status_code
+        == 200
+    )
+
+
+def test_the_command_refuses_an_open_host_without_a_key(tmp_path):
+    from test_cli import invoke
+
+    result = invoke("ui", "--runs", str(tmp_path), "--host", "0.0.0.0")
+    assert result.exit_code == 2 and "--api-key" in result.output
+
+
+def test_metrics_are_read_up_to_the_last_complete_line(tmp_path):
+    run = tmp_path / "r"
+    run.mkdir()
+    (run / "config.yaml").write_text("{}\n")
+    (run / "metrics.jsonl").write_text('{"step": 1, "loss": 2.0}\n{"step": 2, "lo')
+    records, next_line = run_files.read_metrics(run)
+    assert records == [{"step": 1, "loss": 2.0}] and next_line == 1
+    with (run / "metrics.jsonl").open("a") as handle:
+        handle.write('ss": 1.5}\n')
+    assert run_files.read_metrics(run, next_line) == ([{"step": 2, "loss": 1.5}], 2)
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+@pytest.fixture()
+def served(runs_root):
+    import uvicorn
+
+    port = free_port()
+    settings = UiSettings(runs=runs_root, port=port)
+    server = uvicorn.Server(uvicorn.Config(create_app(settings), host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 20
+    while not server.started and time.monotonic() < deadline:
+        time.sleep(0.05)
+    yield f"http://127.0.0.1:{port}"
+    server.should_exit = True
+    thread.join(timeout=10)
+
+
+def chromium_path() -> str | None:
+    return shutil.which("chromium") or shutil.which("chromium-browser")
+
+
+@pytest.mark.skipif(chromium_path() is None, reason="Debian's chromium is not installed (scripts/test.sh installs it)")
+def test_page_end_to_end_in_a_browser(served, runs_root, tiny_model_dir, tmp_path, monkeypatch):
+    """A run started from a shell appears, its curve gains points live, Stop checkpoints it, Resume
+    finishes it, its report opens; screenshots of each view go to test-artifacts/ui/."""
+    from playwright.sync_api import expect, sync_playwright
+
+    shots = ARTIFACTS / "ui"
+    shots.mkdir(parents=True, exist_ok=True)
+    home = runs_root.parent / "home"
+    config = config_for(tmp_path, tiny_model_dir, max_steps=400, save_every=5, eval_every=50)
+    # Slow steps: the tiny model would finish before the page could watch it.
+    live = lorafit(
+        "train", str(config), "--out", str(runs_root / "live"), home=home, fault="slow_steps:150", wait=False
+    )
+    try:
+        with sync_playwright() as playwright:
+            browser = playwright.chromium.launch(executable_path=chromium_path(), args=["--no-sandbox"])
+            page = browser.new_page(viewport={"width": 1400, "height": 900})
+            page.goto(served)
+            row = page.locator('tr[data-run="live"]')
+            expect(row).to_have_attribute("data-status", "running", timeout=60_000)
+            page.locator('tr[data-run="done"] input[type=checkbox]').check()
+            page.locator('tr[data-run="live"] input[type=checkbox]').check()
+            chart = page.locator("#chart")
+            expect(chart.locator("canvas")).to_be_visible()
+            first = int(chart.get_attribute("data-points"))
+            deadline = time.monotonic() + 60
+            while int(chart.get_attribute("data-points")) < first + 5 and time.monotonic() < deadline:
+                page.wait_for_timeout(500)
+            assert int(chart.get_attribute("data-points")) >= first + 5  # the live run's curve grows
+            page.screenshot(path=str(shots / "1-runs-live-curves.png"))
+
+            row.get_by_role("button", name="Stop").click()
+            expect(row).to_have_attribute("data-status", "stopped", timeout=60_000)
+            assert live.wait(timeout=60) == 130
+            stopped_at = run_files.describe_run(runs_root / "live").steps
+            page.screenshot(path=str(shots / "2-stopped.png"))
+
+            # Resume from the page, then let it finish quickly: its config's max_steps is cut first.
+            data = yaml.safe_load((runs_root / "live" / "config.yaml").read_text())
+            assert data["train"]["max_steps"] == 400
+            # The page's server starts the resumed run with its own environment: slow too.
+            monkeypatch.setenv("LORAFIT_FAULT", "slow_steps:150")
+            row.get_by_role("button", name="Resume").click()
+            expect(row).to_have_attribute("data-status", "running", timeout=60_000)
+            expect(page.locator("#message")).to_contain_text("Resumed live")
+            deadline = time.monotonic() + 60
+            while run_files.describe_run(runs_root / "live").steps <= stopped_at and time.monotonic() < deadline:
+                time.sleep(0.5)
+            assert run_files.describe_run(runs_root / "live").steps > stopped_at  # it continued
+            page.screenshot(path=str(shots / "3-resumed.png"))
+            row.get_by_role("button", name="Stop").click()
+            expect(row).to_have_attribute("data-status", "stopped", timeout=60_000)
+
+            # The finished run's details and report.
+            page.locator('tr[data-run="done"] a.run-name').click()
+            expect(page.locator("#detail-config")).to_contain_text("max_steps: 6")
+            page.screenshot(path=str(shots / "4-run-details.png"))
+            with page.expect_popup() as popup:
+                page.locator('tr[data-run="done"] a', has_text="report").click()
+            report = popup.value
+            expect(report.locator("h1")).to_have_text("lorafit evaluation report")
+            report.screenshot(path=str(shots / "5-report.png"), full_page=True)
+            browser.close()
+    finally:
+        if live.poll() is None:
+            live.kill()
+        log = runs_root / "live" / run_files.LAUNCH_LOG
+        if log.is_file():
+            print(log.read_text()[-3000:])
+    assert json.loads((runs_root / "live" / "metrics.jsonl").read_text().splitlines()[0])["step"] == 0

@@ -233,3 +233,133 @@ def test_page_end_to_end_in_a_browser(served, runs_root, tiny_model_dir, tmp_pat
         if log.is_file():
             print(log.read_text()[-3000:])
     assert json.loads((runs_root / "live" / "metrics.jsonl").read_text().splitlines()[0])["step"] == 0
+
+
+def form_values(tiny_model_dir: Path, data: Path, **overrides) -> dict:
+    values = {"model.base": str(tiny_model_dir), "data.train": str(data), "data.min_chars": "50"}
+    values.update({"train.max_steps": "4", "train.seq_len": "32", "train.precision": "fp32", "eval.general": "[]"})
+    values.update({"lora.r": "4", "lora.target_modules": "[q_proj, v_proj]", "train.eval_every": "2"})
+    values.update(overrides)
+    return values
+
+
+def test_the_form_has_every_config_key_and_checks_values_by_field(tmp_path, tiny_model_dir):
+    from test_readmes import config_keys
+
+    root = tmp_path / "runs"
+    root.mkdir()
+    client, ui = client_for(root)
+    form = client.get("/api/form").json()
+    fields = {f["key"]: f for f in form["fields"]}
+    assert set(fields) == config_keys()
+    assert fields["train.lr"]["kind"] == "number" and fields["train.lr"]["default"] == 2e-4
+    assert fields["train.method"]["kind"] == "choice" and fields["train.method"]["choices"] == ["lora", "full"]
+    assert fields["lora.use_rslora"]["kind"] == "boolean" and fields["lora.target_modules"]["kind"] == "yaml"
+    assert all(f["description"] for f in form["fields"])
+    # What the form shows as defaults is what the config takes (one line each, as a text box holds it).
+    shown = {f["key"]: f["default"] for f in form["fields"]}
+    assert all("\n" not in str(value) for value in shown.values())
+    token = {"X-Lorafit-Token": ui.token}
+    as_shown = {"name": "d", "values": {**shown, "data.train": str(tmp_path)}}
+    assert client.post("/api/check", json=as_shown, headers=token).status_code == 200
+    data = make_corpus(tmp_path / "docs")
+    bad = form_values(tiny_model_dir, data, **{"train.lr": "-1", "lora.rank_pattern": "{unclosed", "train.nope": "1"})
+    errors = client.post("/api/check", json={"name": "x", "values": bad}, headers=token).json()["errors"]
+    assert set(errors) == {"lora.rank_pattern", "train.nope"}  # YAML and key errors first, by field
+    bad = form_values(tiny_model_dir, data, **{"train.lr": "-1", "train.method": "half"})
+    errors = client.post("/api/check", json={"name": "x", "values": bad}, headers=token).json()["errors"]
+    assert "greater than 0" in errors["train.lr"] and "train.method" in errors
+    for name in ("", "../up", "a/b"):
+        response = client.post("/api/check", json={"name": name, "values": {}}, headers=token)
+        assert response.status_code == 422 and "name" in response.json()["errors"]
+    good = client.post("/api/check", json={"name": "r1", "values": form_values(tiny_model_dir, data)}, headers=token)
+    assert good.status_code == 200
+    assert good.json()["command"] == f"lorafit train {root / 'r1.yaml'} --out {root / 'r1'}"
+    assert "max_steps: 4" in good.json()["yaml"]
+    body = {"name": "r1", "values": form_values(tiny_model_dir, data), "processes": 2}
+    two = client.post("/api/check", json=body, headers=token).json()
+    assert two["command"].endswith("--launcher accelerate --num-processes 2")
+
+
+def test_preview_shows_documents_or_the_trained_tokens_of_examples(tmp_path, tiny_model_dir):
+    from conftest import write_jsonl
+
+    root = tmp_path / "runs"
+    root.mkdir()
+    client, ui = client_for(root)
+    token = {"X-Lorafit-Token": ui.token}
+    docs = make_corpus(tmp_path / "docs")
+    shown = client.post("/api/preview", json={"values": form_values(tiny_model_dir, docs)}, headers=token).json()
+    assert shown["kind"] == "documents" and len(shown["items"]) == 3 and "Python" in shown["items"][0]["text"]
+    qa = write_jsonl(tmp_path / "qa.jsonl", [{"instruction": f"What is {n}?", "output": f"It is {n}."} for n in "abcd"])
+    shown = client.post("/api/preview", json={"values": form_values(tiny_model_dir, qa)}, headers=token).json()
+    assert shown["kind"] == "examples" and shown["format"] == "alpaca"
+    first = shown["items"][0]["segments"]
+    assert [trained for _, trained in first] == [False, True]
+    assert "What is a?" in first[0][0] and first[1][0].startswith("It is a.")
+    nothing = {"values": form_values(tiny_model_dir, tmp_path / "none")}
+    missing = client.post("/api/preview", json=nothing, headers=token)
+    assert missing.status_code == 422 and "data.train" in missing.json()["errors"]
+
+
+def test_starting_a_run_from_the_form_writes_its_config_beside_it_and_trains(tmp_path, tiny_model_dir, isolated_home):
+    root = tmp_path / "runs"
+    root.mkdir()
+    client, ui = client_for(root)
+    token = {"X-Lorafit-Token": ui.token}
+    values = form_values(tiny_model_dir, make_corpus(tmp_path / "docs"))
+    started = client.post("/api/runs", json={"name": "first", "values": values}, headers=token)
+    assert started.status_code == 200, started.text
+    config = yaml.safe_load((root / "first.yaml").read_text())
+    assert config["train"]["max_steps"] == 4 and config["out"] == str(root / "first")
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and run_files.describe_run_if_any(root / "first") != "finished":
+        time.sleep(0.5)
+    assert run_files.describe_run(root / "first").status == "finished", (root / "first.log").read_text()[-2000:]
+    again = client.post("/api/runs", json={"name": "first", "values": values}, headers=token)
+    assert again.status_code == 422 and "exists already" in again.json()["errors"]["name"]
+
+
+@pytest.mark.skipif(chromium_path() is None, reason="Debian's chromium is not installed (scripts/test.sh installs it)")
+def test_new_run_form_in_a_browser(served, runs_root, tiny_model_dir, tmp_path):
+    """Fill the form, see an invalid value refused at its field, preview the data, start the run
+    and watch it finish; screenshots of each view."""
+    from playwright.sync_api import expect, sync_playwright
+
+    shots = ARTIFACTS / "ui"
+    shots.mkdir(parents=True, exist_ok=True)
+    values = form_values(tiny_model_dir, make_corpus(tmp_path / "docs"), **{"train.max_steps": "-3"})
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=chromium_path(), args=["--no-sandbox"])
+        page = browser.new_page(viewport={"width": 1400, "height": 1000})
+        page.goto(served)
+        expect(page.locator('[name="train.max_steps"]')).to_have_value("100")  # the default, from the schema
+        page.fill("#run-name", "from-form")
+        for section in ("lora", "train", "eval"):
+            page.locator("summary", has_text=section).first.click()
+        for key, value in values.items():
+            page.locator(f'[name="{key}"]').fill(value) if key != "train.precision" else page.select_option(
+                f'[name="{key}"]', value
+            )
+        page.click("#check-button")
+        error = page.locator('.error[data-for="train.max_steps"]')
+        expect(error).to_contain_text("greater than or equal to 1")
+        page.locator('[name="train.max_steps"]').scroll_into_view_if_needed()
+        page.screenshot(path=str(shots / "6-form-field-error.png"))
+
+        page.locator('[name="train.max_steps"]').fill("6")
+        page.click("#preview-button")
+        expect(page.locator(".field.invalid")).to_have_count(0)
+        expect(page.locator("#preview pre").first).to_contain_text("Python")
+        expect(error).to_have_text("")
+        page.locator("#preview").scroll_into_view_if_needed()
+        page.screenshot(path=str(shots / "7-data-preview.png"))
+
+        page.click("#start-button")
+        expect(page.locator("#command")).to_contain_text(f"lorafit train {runs_root / 'from-form.yaml'}")
+        row = page.locator('tr[data-run="from-form"]')
+        expect(row).to_have_attribute("data-status", "finished", timeout=120_000)
+        page.locator("#runs").scroll_into_view_if_needed()
+        page.screenshot(path=str(shots / "8-started-from-the-form.png"))
+        browser.close()
+    assert yaml.safe_load((runs_root / "from-form.yaml").read_text())["train"]["max_steps"] == 6

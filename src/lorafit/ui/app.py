@@ -22,6 +22,8 @@ from fastapi import FastAPI, HTTPException, Request
 from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, RedirectResponse, Response, StreamingResponse
 from fastapi.staticfiles import StaticFiles
 
+from lorafit.errors import LorafitError
+from lorafit.ui import new_run
 from lorafit.ui import runs as run_files
 
 LOOPBACK = {"127.0.0.1", "localhost", "::1", "[::1]"}
@@ -139,4 +141,73 @@ def create_app(settings: UiSettings) -> FastAPI:
             raise HTTPException(status_code=409, detail=str(error)) from None
         return {"resumed": name, "pid": pid, "command": " ".join(run_files.train_command(folder, resume=True))}
 
+    @app.get("/api/form")
+    def form() -> dict:
+        """The new-run form: every config field, and data folders beside --runs to pick from."""
+        import importlib.util
+
+        return {
+            "fields": new_run.form_fields(),
+            "data_choices": data_choices(root),
+            "launcher": importlib.util.find_spec("accelerate") is not None,
+        }
+
+    async def form_values(request: Request) -> tuple[str, dict, int]:
+        body = await request.json()
+        values = body.get("values")
+        if not isinstance(values, dict):
+            raise HTTPException(status_code=400, detail="expected {'name': ..., 'values': {key: value}}")
+        return str(body.get("name") or ""), values, int(body.get("processes") or 1)
+
+    def field_errors(error: new_run.FormError) -> JSONResponse:
+        return JSONResponse({"errors": error.errors}, status_code=422)
+
+    @app.post("/api/check")
+    async def check(request: Request) -> Response:
+        name, values, processes = await form_values(request)
+        try:
+            folder, config_path = new_run.check_name(root, name)
+            config = new_run.build_config(values, folder)
+        except new_run.FormError as error:
+            return field_errors(error)
+        command = new_run.shown_command(new_run.launch_command(config_path, folder, processes))
+        return JSONResponse({"command": command, "yaml": new_run.config_to_yaml(config)})
+
+    @app.post("/api/preview")
+    async def preview(request: Request) -> Response:
+        _, values, _ = await form_values(request)
+        try:
+            config = new_run.build_config(values, root / "preview")
+            return JSONResponse(await asyncio.to_thread(new_run.preview, config))
+        except new_run.FormError as error:
+            return field_errors(error)
+        except LorafitError as error:  # unreadable data, a template that cannot mark answers ...
+            return JSONResponse({"errors": {"data.train": str(error)}}, status_code=422)
+
+    @app.post("/api/runs")
+    async def start(request: Request) -> Response:
+        name, values, processes = await form_values(request)
+        try:
+            return JSONResponse(new_run.launch(root, name, values, processes))
+        except new_run.FormError as error:
+            return field_errors(error)
+        except FileExistsError:
+            return field_errors(new_run.FormError({"name": f"{name}.yaml appeared meanwhile: choose another name"}))
+
     return app
+
+
+def data_choices(root: Path, limit: int = 200) -> list[str]:
+    """Folders and data files beside --runs (its siblings), for the form's data fields."""
+    parent = root.parent
+    if not parent.is_dir():
+        return []
+    found = []
+    for entry in sorted(parent.iterdir()):
+        if entry == root or entry.name.startswith("."):
+            continue
+        if entry.is_dir() or entry.suffix.lower() in (".jsonl", ".json", ".txt", ".md", ".html", ".pdf"):
+            found.append(str(entry))
+        if len(found) >= limit:
+            break
+    return found

@@ -110,6 +110,11 @@ def describe_run(folder: Path) -> RunView:
     )
 
 
+def describe_run_if_any(folder: Path) -> str | None:
+    """The status of `folder`, or None while it is not a run folder yet (a run starting)."""
+    return describe_run(folder).status if RunFolder(folder).is_run() else None
+
+
 def run_details(folder: Path) -> dict:
     """What the page shows of one run: its view, config (as written), summary, data stats."""
     run = RunFolder(folder)

@@ -167,3 +167,121 @@ async function refresh() {
 
 refresh();
 setInterval(refresh, 3000);  // new runs started from a shell appear without a reload
+
+// --- the new-run form, built from the config's fields (GET /api/form) ---------------------------
+let formFields = [];
+
+function fieldInput(field) {
+  let input;
+  if (field.kind === "boolean") {
+    input = document.createElement("input"); input.type = "checkbox"; input.checked = Boolean(field.default);
+  } else if (field.kind === "choice") {
+    input = document.createElement("select");
+    for (const choice of field.choices) {
+      const option = document.createElement("option"); option.value = option.textContent = String(choice);
+      input.append(option);
+    }
+    input.value = String(field.default);
+  } else {
+    input = document.createElement("input"); input.type = "text";
+    input.value = field.default == null ? "" : String(field.default);
+    if (field.key === "data.train" || field.key === "data.valid") input.setAttribute("list", "data-choices");
+  }
+  input.name = field.key; input.id = `field-${field.key}`; input.dataset.kind = field.kind;
+  return input;
+}
+
+async function loadForm() {
+  const form = await api("/api/form");
+  formFields = form.fields;
+  const choices = document.getElementById("data-choices");
+  for (const path of form.data_choices) { const o = document.createElement("option"); o.value = path; choices.append(o); }
+  document.getElementById("processes-label").hidden = !form.launcher;
+  const sections = document.getElementById("form-sections");
+  const bySection = new Map();
+  for (const field of formFields) {
+    if (!bySection.has(field.section)) bySection.set(field.section, []);
+    bySection.get(field.section).push(field);
+  }
+  for (const [section, fields] of bySection) {
+    const fieldset = document.createElement("fieldset");
+    const details = document.createElement("details");
+    details.open = section === "model" || section === "data";
+    const summary = document.createElement("summary"); summary.textContent = section; details.append(summary);
+    for (const field of fields) {
+      const row = document.createElement("div"); row.className = "field"; row.dataset.key = field.key;
+      const label = document.createElement("label"); label.textContent = field.key; label.htmlFor = `field-${field.key}`;
+      const cellInput = document.createElement("div");
+      const error = document.createElement("div"); error.className = "error"; error.dataset.for = field.key;
+      cellInput.append(fieldInput(field), error);
+      const help = document.createElement("div"); help.className = "help";
+      help.textContent = `${field.description} (default: ${JSON.stringify(field.default)})`;
+      row.append(label, cellInput, help);
+      details.append(row);
+    }
+    fieldset.append(details); sections.append(fieldset);
+  }
+  document.getElementById("check-button").addEventListener("click", () => submitForm("/api/check"));
+  document.getElementById("preview-button").addEventListener("click", () => submitForm("/api/preview"));
+  document.getElementById("start-button").addEventListener("click", () => submitForm("/api/runs"));
+}
+
+function formBody() {
+  const values = {};
+  for (const field of formFields) {
+    const input = document.getElementById(`field-${field.key}`);
+    values[field.key] = field.kind === "boolean" ? input.checked : input.value;
+  }
+  return {name: document.getElementById("run-name").value.trim(), values,
+          processes: Number(document.getElementById("processes").value || 1)};
+}
+
+function showErrors(errors) {
+  for (const element of document.querySelectorAll(".error")) element.textContent = "";
+  for (const row of document.querySelectorAll(".field.invalid")) row.classList.remove("invalid");
+  for (const [key, message] of Object.entries(errors || {})) {
+    const slot = document.querySelector(`.error[data-for="${CSS.escape(key)}"]`);
+    if (slot) slot.textContent = message;
+    const row = document.querySelector(`.field[data-key="${CSS.escape(key)}"]`);
+    if (row) { row.classList.add("invalid"); row.closest("details").open = true; }
+    if (!slot) say(`${key}: ${message}`);
+  }
+}
+
+function showPreview(result) {
+  const panel = document.getElementById("preview");
+  panel.textContent = "";
+  const title = document.createElement("h3");
+  title.textContent = result.kind === "documents"
+    ? `The first documents of ${result.files} file(s), as extracted`
+    : `The first examples (${result.format}, template: ${result.template}); highlighted: the tokens the loss is taken on`;
+  panel.append(title);
+  for (const item of result.items) {
+    const source = document.createElement("div"); source.className = "help"; source.textContent = item.source;
+    const pre = document.createElement("pre");
+    if (result.kind === "documents") pre.textContent = item.text;
+    else for (const [text, trained] of item.segments) {
+      const span = document.createElement("span"); span.className = trained ? "trained" : "context";
+      span.textContent = text; pre.append(span);
+    }
+    panel.append(source, pre);
+  }
+}
+
+async function submitForm(path) {
+  const response = await fetch(path, {method: "POST", body: JSON.stringify(formBody()),
+    headers: {"Content-Type": "application/json", "X-Lorafit-Token": TOKEN}});
+  const body = await response.json().catch(() => ({}));
+  if (response.status === 422) { showErrors(body.errors); say("Fix the fields marked in red."); return; }
+  if (!response.ok) { say(body.detail || body.error || response.statusText); return; }
+  showErrors({});
+  if (path === "/api/preview") { showPreview(body); say(""); return; }
+  document.getElementById("command").textContent = body.command;
+  if (path === "/api/runs") {
+    say(`Started ${body.name}: ${body.command}`);
+    plotted.add(body.name);
+    setTimeout(refresh, 1000);
+  } else say("The config is valid.");
+}
+
+loadForm().catch((error) => say(`form: ${error.message}`));

@@ -80,6 +80,26 @@ def test_runs_are_listed_with_their_status_from_the_folders(runs_root):
     assert client.get("/runs/paused/report").status_code == 404
 
 
+def test_compare_shows_figures_side_by_side_and_the_config_keys_that_differ(runs_root, tmp_path):
+    client, _ = client_for(runs_root)
+    same = client.get("/api/compare", params={"a": "done", "b": "paused"}).json()
+    figures = {row[0]: row[1:] for row in same["figures"]}
+    assert figures["steps"] == [6, None]  # the stopped run has no summary yet
+    assert figures["trainable parameters"][0] > 0
+    assert same["config_differences"] == []  # same config; `out` is not a difference
+    other = runs_root / "other"
+    shutil.copytree(runs_root / "done", other)
+    config = yaml.safe_load((other / "config.yaml").read_text())
+    config["train"]["lr"], config["lora"]["r"] = 0.01, 8
+    (other / "config.yaml").write_text(yaml.safe_dump(config))
+    try:
+        differ = client.get("/api/compare", params={"a": "done", "b": "other"}).json()["config_differences"]
+        assert differ == [["lora.r", 4, 8], ["train.lr", 0.005, 0.01]]
+    finally:
+        shutil.rmtree(other)
+    assert client.get("/api/compare", params={"a": "done", "b": ".."}).status_code == 404
+
+
 def test_paths_stay_under_runs_and_actions_need_the_page_token(runs_root, tmp_path):
     client, ui = client_for(runs_root)
     (runs_root.parent / "outside").mkdir(exist_ok=True)
@@ -361,5 +381,82 @@ def test_new_run_form_in_a_browser(served, runs_root, tiny_model_dir, tmp_path):
         expect(row).to_have_attribute("data-status", "finished", timeout=120_000)
         page.locator("#runs").scroll_into_view_if_needed()
         page.screenshot(path=str(shots / "8-started-from-the-form.png"))
+
+        page.select_option("#compare-a", "done")
+        page.select_option("#compare-b", "from-form")
+        page.click("#compare-button")
+        expect(page.locator("#compare-config")).to_contain_text("train.eval_every")
+        expect(page.locator("#compare-figures")).to_contain_text("validation perplexity after")
+        page.locator("#compare-panel").scroll_into_view_if_needed()
+        page.screenshot(path=str(shots / "9-compare.png"))
         browser.close()
     assert yaml.safe_load((runs_root / "from-form.yaml").read_text())["train"]["max_steps"] == 6
+
+
+def test_chat_asks_the_base_and_an_adapter_through_the_serve_app_and_saves_a_record(runs_root):
+    from lorafit.data.formats import detect_file_format, field_names
+
+    with client_for(runs_root)[0] as client:  # the context runs the app's lifespan (the worker stops)
+        token = {"X-Lorafit-Token": client.get("/").text.split('name="lorafit-token" content="')[1].split('"')[0]}
+        assert client.get("/api/chat/choices").json()["adapters"] == ["done"]  # the runs with an adapter
+        assert client.post("/serve/v1/chat/completions", json={}, headers=token).status_code == 503
+        too_many = client.post("/api/chat/models", json={"adapters": ["done"] * 4}, headers=token)
+        assert too_many.status_code == 422 and "at most 3" in too_many.json()["error"]
+        assert client.post("/api/chat/models", json={"adapters": ["../x"]}, headers=token).status_code == 404
+        models = client.post("/api/chat/models", json={"adapters": ["done"]}, headers=token).json()["models"]
+        assert models[1:] == ["done"] and models[0]  # the base the adapter records, then the adapter
+        request = {"messages": [{"role": "user", "content": "Python lists"}], "max_tokens": 6, "temperature": 0}
+        answers = {}
+        for model in models:
+            reply = client.post("/serve/v1/chat/completions", json={**request, "model": model}, headers=token)
+            assert reply.status_code == 200, reply.text
+            assert reply.json()["model"] == model and reply.json()["usage"]["completion_tokens"] > 0
+            answers[model] = reply.json()["choices"][0]["message"]["content"]
+        assert client.post("/serve/v1/chat/completions", json={**request, "model": "done"}).status_code == 403
+        saved = client.post(
+            "/api/chat/save",
+            json={"file": "picked", "prompt": "Python lists", "answers": answers, "chosen": "done"},
+            headers=token,
+        )
+        assert saved.status_code == 200 and saved.json()["records"] == 1
+        outside = {"file": "../x", "prompt": "p", "answers": answers, "chosen": "done"}
+        bad = client.post("/api/chat/save", json=outside, headers=token)
+        assert bad.status_code == 422
+    path = runs_root / "chat-records" / "picked.jsonl"
+    record = json.loads(path.read_text())
+    assert record["instruction"] == "Python lists" and record["output"] == answers["done"]
+    assert detect_file_format(path, field_names({}), "text") == "alpaca"  # lorafit train reads it as it is
+    shutil.rmtree(runs_root / "chat-records")
+
+
+@pytest.mark.skipif(chromium_path() is None, reason="Debian's chromium is not installed (scripts/test.sh installs it)")
+def test_chat_side_by_side_in_a_browser(served, runs_root):
+    """Load the base with an adapter, ask one prompt, read both answers side by side, save one."""
+    from playwright.sync_api import expect, sync_playwright
+
+    shots = ARTIFACTS / "ui"
+    shots.mkdir(parents=True, exist_ok=True)
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=chromium_path(), args=["--no-sandbox"])
+        page = browser.new_page(viewport={"width": 1400, "height": 1000})
+        page.goto(served)
+        page.locator('input[name="chat-adapter"][value="done"]').check()
+        page.click("#chat-load")
+        expect(page.locator("#chat-loaded")).to_contain_text("done", timeout=120_000)
+        page.fill("#chat-prompt", "Python lists")
+        page.fill("#chat-max-tokens", "8")
+        page.click("#chat-ask")
+        answers = page.locator("#chat-answers .answer")
+        expect(answers).to_have_count(2)
+        expect(page.locator('#chat-answers .answer[data-done="1"]')).to_have_count(2, timeout=120_000)
+        texts = answers.locator("pre").all_inner_texts()
+        assert all(text and not text.startswith("error") for text in texts), texts
+        page.fill("#chat-file", "browser")
+        page.click("#chat-save")
+        expect(page.locator("#message")).to_contain_text("1 records")
+        page.locator("#chat-panel").scroll_into_view_if_needed()
+        page.screenshot(path=str(shots / "10-chat-side-by-side.png"))
+        browser.close()
+    record = json.loads((runs_root / "chat-records" / "browser.jsonl").read_text())
+    assert record["chosen"] == "done" and record["output"] == texts[-1]
+    shutil.rmtree(runs_root / "chat-records")

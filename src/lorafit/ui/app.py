@@ -11,6 +11,7 @@ after `/?key=KEY`. Run names are plain folder names directly under --runs: no pa
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hmac
 import json
 import secrets
@@ -23,7 +24,7 @@ from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, Redirect
 from fastapi.staticfiles import StaticFiles
 
 from lorafit.errors import LorafitError
-from lorafit.ui import new_run
+from lorafit.ui import chat, new_run
 from lorafit.ui import runs as run_files
 
 LOOPBACK = {"127.0.0.1", "localhost", "::1", "[::1]"}
@@ -45,8 +46,15 @@ def _static() -> Path:
 
 
 def create_app(settings: UiSettings) -> FastAPI:
-    app = FastAPI(title="lorafit ui", docs_url=None, redoc_url=None, openapi_url=None)
     root = settings.runs.resolve()
+    chat_models = chat.ChatModels(root)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI):
+        yield
+        chat_models.close()  # the chat's model thread ends with the page's server
+
+    app = FastAPI(title="lorafit ui", docs_url=None, redoc_url=None, openapi_url=None, lifespan=lifespan)
 
     @app.middleware("http")
     async def guard(request: Request, call_next):
@@ -117,6 +125,10 @@ def create_app(settings: UiSettings) -> FastAPI:
 
         return StreamingResponse(events(), media_type="text/event-stream", headers={"Cache-Control": "no-store"})
 
+    @app.get("/api/compare")
+    def compare(a: str, b: str) -> dict:
+        return run_files.compare_runs(folder_of(a), folder_of(b))
+
     @app.get("/runs/{name}/report")
     def report(name: str) -> Response:
         path = folder_of(name) / "report.html"
@@ -140,6 +152,45 @@ def create_app(settings: UiSettings) -> FastAPI:
         except RuntimeError as error:
             raise HTTPException(status_code=409, detail=str(error)) from None
         return {"resumed": name, "pid": pid, "command": " ".join(run_files.train_command(folder, resume=True))}
+
+    # The chat: `lorafit serve`'s app for the models chosen, under /serve (OpenAI's /v1 routes).
+    app.mount("/serve", chat.ServeMount(chat_models))
+
+    @app.get("/api/chat/choices")
+    def chat_choices() -> dict:
+        """Runs with an adapter to chat with."""
+        runs = run_files.list_runs(root)
+        names = [v.name for v in runs if (root / v.name / "adapter" / "adapter_config.json").is_file()]
+        return {"adapters": names, "chosen": chat_models.models, "max_adapters": chat.MAX_ADAPTERS}
+
+    @app.post("/api/chat/models")
+    async def chat_choose(request: Request) -> Response:
+        body = await request.json()
+        adapters = [str(name) for name in body.get("adapters") or []]
+        base = body.get("base")
+        base = None if base in (None, "") and adapters else base  # the adapters' recorded base
+        try:
+            models = await asyncio.to_thread(chat_models.choose, base, adapters)
+        except run_files.RunNotFoundError as error:
+            return JSONResponse({"error": f"no run {error} under {root}"}, status_code=404)
+        except LorafitError as error:
+            return JSONResponse({"error": str(error)}, status_code=422)
+        return JSONResponse({"models": models})
+
+    @app.post("/api/chat/save")
+    async def chat_save(request: Request) -> Response:
+        body = await request.json()
+        try:
+            path = chat.save_record(
+                root,
+                str(body.get("file") or ""),
+                str(body.get("prompt") or ""),
+                dict(body.get("answers") or {}),
+                str(body.get("chosen") or ""),
+            )
+        except LorafitError as error:
+            return JSONResponse({"error": str(error)}, status_code=422)
+        return JSONResponse({"saved": str(path), "records": len(path.read_text(encoding="utf-8").splitlines())})
 
     @app.get("/api/form")
     def form() -> dict:

@@ -126,6 +126,49 @@ def run_details(folder: Path) -> dict:
     }
 
 
+COMPARED = (
+    ("validation perplexity before", "valid_ppl_before"),
+    ("validation perplexity after", "valid_ppl_after"),
+    ("validation perplexity change %", "valid_ppl_change_percent"),
+    ("general-text perplexity after", "general_ppl_after"),
+    ("general-text perplexity change %", "general_ppl_change_percent"),
+    ("steps", "steps"),
+    ("best step", "best_step"),
+    ("train tokens", "train_tokens"),
+    ("tokens/s", "tokens_per_second"),
+    ("peak RSS MB", "peak_rss_mb"),
+    ("wall seconds", "wall_seconds"),
+)
+
+
+def _flat(config: dict | None) -> dict[str, object]:
+    return {
+        f"{section}.{key}": value
+        for section, values in (config or {}).items()
+        if isinstance(values, dict)
+        for key, value in values.items()
+    }
+
+
+def compare_runs(first: Path, second: Path) -> dict:
+    """Two runs side by side: their summaries' figures, task metrics, and the config keys that differ."""
+    summaries = [_json(RunFolder(folder).summary) or {} for folder in (first, second)]
+    rows = [[label, *(s.get(key) for s in summaries)] for label, key in COMPARED]
+    trainable = [(s.get("trainable_parameters") or {}).get("trainable") for s in summaries]
+    rows.append(["trainable parameters", *trainable])
+    tasks = [((s.get("tasks") or {}).get("adapter") or {}) for s in summaries]
+    for metric in sorted(set(tasks[0]) | set(tasks[1])):
+        if isinstance(tasks[0].get(metric, tasks[1].get(metric)), (int, float)):
+            rows.append([f"task {metric}", tasks[0].get(metric), tasks[1].get(metric)])
+    configs = [_flat(_config(folder)) for folder in (first, second)]
+    differ = [
+        [key, configs[0].get(key), configs[1].get(key)]
+        for key in sorted(set(configs[0]) | set(configs[1]))
+        if key != "out" and configs[0].get(key) != configs[1].get(key)
+    ]
+    return {"runs": [first.name, second.name], "figures": rows, "config_differences": differ}
+
+
 def read_metrics(folder: Path, start: int = 0) -> tuple[list[dict], int]:
     """metrics.jsonl's complete lines from line `start` on, and the number of the next line (a line
     still being written, without its newline, waits for the next read)."""

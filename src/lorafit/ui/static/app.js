@@ -154,10 +154,59 @@ async function showRun(name) {
   actions.textContent = ""; actions.append(...runActions(detail.run));
 }
 
+function fillCompareChoices() {
+  for (const id of ["compare-a", "compare-b"]) {
+    const select = document.getElementById(id), kept = select.value;
+    const names = views.map((v) => v.name);
+    if ([...select.options].map((o) => o.value).join() === names.join()) continue;
+    select.textContent = "";
+    for (const name of names) { const o = document.createElement("option"); o.value = o.textContent = name; select.append(o); }
+    if (names.includes(kept)) select.value = kept;
+    else if (id === "compare-b" && names.length > 1) select.value = names[1];
+  }
+}
+
+function shown(value) {
+  if (value == null) return "-";
+  if (typeof value === "number") return Number.isInteger(value) ? value.toLocaleString() : value.toFixed(3);
+  return typeof value === "object" ? JSON.stringify(value) : String(value);
+}
+
+function table(header, rows, id) {
+  const t = document.createElement("table"); t.id = id;
+  const head = document.createElement("tr");
+  for (const h of header) { const th = document.createElement("th"); th.textContent = h; head.append(th); }
+  t.append(head);
+  for (const row of rows) {
+    const tr = document.createElement("tr");
+    row.forEach((value, i) => { const td = cell(i ? shown(value) : value, i ? "num" : ""); tr.append(td); });
+    if (row.length === 3 && shown(row[1]) !== shown(row[2])) tr.lastChild.classList.add("differs");
+    t.append(tr);
+  }
+  return t;
+}
+
+async function compare() {
+  const a = document.getElementById("compare-a").value, b = document.getElementById("compare-b").value;
+  try {
+    const result = await api(`/api/compare?a=${encodeURIComponent(a)}&b=${encodeURIComponent(b)}`);
+    const panel = document.getElementById("comparison");
+    panel.textContent = "";
+    const title = document.createElement("h3"); title.textContent = "Figures"; panel.append(title);
+    panel.append(table(["", ...result.runs], result.figures, "compare-figures"));
+    const config = document.createElement("h3");
+    config.textContent = `Config keys that differ (${result.config_differences.length})`;
+    panel.append(config, table(["key", ...result.runs], result.config_differences, "compare-config"));
+    plotted.clear(); plotted.add(a); plotted.add(b); follow(a); follow(b); renderRuns(); scheduleDraw();
+  } catch (error) { say(`compare: ${error.message}`); }
+}
+document.getElementById("compare-button").addEventListener("click", compare);
+
 async function refresh() {
   try {
     const listing = await api("/api/runs");
     views = listing.runs;
+    fillCompareChoices();
     if (!plotted.size && views.length) { plotted.add(views[views.length - 1].name); }
     for (const name of plotted) follow(name);
     renderRuns();
@@ -285,3 +334,84 @@ async function submitForm(path) {
 }
 
 loadForm().catch((error) => say(`form: ${error.message}`));
+
+// --- chat: the base and up to three adapters answer one prompt (lorafit serve's app under /serve) ---
+let chatModels = [];
+
+async function loadChatChoices() {
+  const choices = await api("/api/chat/choices");
+  const holder = document.getElementById("chat-adapters");
+  holder.textContent = "adapters:";
+  for (const name of choices.adapters) {
+    const label = document.createElement("label");
+    const box = document.createElement("input"); box.type = "checkbox"; box.value = name; box.name = "chat-adapter";
+    box.addEventListener("change", () => {
+      const ticked = document.querySelectorAll('input[name="chat-adapter"]:checked');
+      if (ticked.length > choices.max_adapters) { box.checked = false; say(`At most ${choices.max_adapters} adapters.`); }
+    });
+    label.append(box, ` ${name}`); holder.append(label);
+  }
+}
+
+async function loadChatModels() {
+  const adapters = [...document.querySelectorAll('input[name="chat-adapter"]:checked')].map((b) => b.value);
+  const base = document.getElementById("chat-base").value;
+  const loaded = document.getElementById("chat-loaded");
+  loaded.textContent = "loading...";
+  try {
+    const result = await api("/api/chat/models", {method: "POST", body: JSON.stringify({base, adapters}),
+                                                  headers: {"Content-Type": "application/json"}});
+    chatModels = result.models;
+    loaded.textContent = `loaded: ${chatModels.join(", ")}`;
+  } catch (error) { loaded.textContent = ""; say(`chat: ${error.message}`); }
+}
+
+async function askOne(model, prompt, maxTokens) {
+  const response = await fetch("/serve/v1/chat/completions", {method: "POST",
+    headers: {"Content-Type": "application/json", "X-Lorafit-Token": TOKEN},
+    body: JSON.stringify({model, messages: [{role: "user", content: prompt}], max_tokens: maxTokens, temperature: 0})});
+  const body = await response.json();
+  if (!response.ok) throw new Error((body.error && body.error.message) || body.error || response.statusText);
+  return body.choices[0].message.content;
+}
+
+async function askAll() {
+  const prompt = document.getElementById("chat-prompt").value;
+  const maxTokens = Number(document.getElementById("chat-max-tokens").value || 64);
+  const panel = document.getElementById("chat-answers");
+  panel.textContent = "";
+  if (!chatModels.length) { say("Load the models first."); return; }
+  const boxes = chatModels.map((model, index) => {
+    const box = document.createElement("div"); box.className = "answer"; box.dataset.model = model;
+    const head = document.createElement("label");
+    const pick = document.createElement("input"); pick.type = "radio"; pick.name = "chat-chosen"; pick.value = model;
+    pick.checked = index === chatModels.length - 1;
+    head.append(pick, ` ${model}`);
+    const pre = document.createElement("pre"); pre.textContent = "...";
+    box.append(head, pre); panel.append(box);
+    return pre;
+  });
+  // Every model at once: the server's worker decodes them in one continuous batch.
+  await Promise.all(chatModels.map(async (model, index) => {
+    try { boxes[index].textContent = await askOne(model, prompt, maxTokens); }
+    catch (error) { boxes[index].textContent = `error: ${error.message}`; }
+    boxes[index].parentElement.dataset.done = "1";
+  }));
+}
+
+async function saveChat() {
+  const answers = {};
+  for (const box of document.querySelectorAll("#chat-answers .answer")) answers[box.dataset.model] = box.querySelector("pre").textContent;
+  const chosen = (document.querySelector('input[name="chat-chosen"]:checked') || {}).value;
+  try {
+    const result = await api("/api/chat/save", {method: "POST", headers: {"Content-Type": "application/json"},
+      body: JSON.stringify({file: document.getElementById("chat-file").value,
+                            prompt: document.getElementById("chat-prompt").value, answers, chosen})});
+    say(`Saved to ${result.saved} (${result.records} records).`);
+  } catch (error) { say(`save: ${error.message}`); }
+}
+
+document.getElementById("chat-load").addEventListener("click", loadChatModels);
+document.getElementById("chat-ask").addEventListener("click", askAll);
+document.getElementById("chat-save").addEventListener("click", saveChat);
+loadChatChoices().catch((error) => say(`chat: ${error.message}`));

@@ -45,13 +45,18 @@ def config_for(tmp_path: Path, model_dir: Path, **train) -> Path:
 
 @pytest.fixture(scope="module")
 def runs_root(tmp_path_factory, tiny_model_dir):
-    """A finished run, a stopped one (SIGTERM after step 3: checkpoint) and a failed one."""
+    """Two finished runs, a stopped one (SIGTERM after step 4: checkpoint), a failed one and a
+    `lorafit eval` report folder."""
     tmp = tmp_path_factory.mktemp("ui")
     home, root = tmp / "home", tmp / "runs"
     home.mkdir()
     root.mkdir()
     config = config_for(tmp, tiny_model_dir, max_steps=6, save_every=3, eval_every=3)
     assert lorafit("train", str(config), "--out", str(root / "done"), home=home).returncode == 0
+    second = lorafit("train", str(config), "--out", str(root / "second"), "--set", "train.lr=2e-2", home=home)
+    assert second.returncode == 0, second.stdout + second.stderr
+    evaluated = lorafit("eval", "--adapter", str(root / "done"), "--out", str(root / "eval-done"), home=home)
+    assert evaluated.returncode == 0, evaluated.stdout + evaluated.stderr
     stopped = lorafit("train", str(config), "--out", str(root / "paused"), home=home, fault="term_after_step:4")
     assert stopped.returncode == 130, stopped.stdout + stopped.stderr
     (root / "broken").mkdir()
@@ -69,7 +74,9 @@ def test_runs_are_listed_with_their_status_from_the_folders(runs_root):
     client, _ = client_for(runs_root)
     listing = client.get("/api/runs").json()
     status = {r["name"]: r["status"] for r in listing["runs"]}
-    assert status == {"done": "finished", "paused": "stopped", "broken": "failed"}
+    assert status == {"done": "finished", "second": "finished", "paused": "stopped", "broken": "failed"}
+    assert listing["reports"] == ["eval-done"]  # lorafit eval's report folder, openable too
+    assert "lorafit evaluation report" in client.get("/runs/eval-done/report").text
     done = next(r for r in listing["runs"] if r["name"] == "done")
     assert done["steps"] == done["max_steps"] == 6 and done["has_report"] and done["valid_ppl_after"] > 0
     detail = client.get("/api/runs/done").json()
@@ -398,13 +405,15 @@ def test_chat_asks_the_base_and_an_adapter_through_the_serve_app_and_saves_a_rec
 
     with client_for(runs_root)[0] as client:  # the context runs the app's lifespan (the worker stops)
         token = {"X-Lorafit-Token": client.get("/").text.split('name="lorafit-token" content="')[1].split('"')[0]}
-        assert client.get("/api/chat/choices").json()["adapters"] == ["done"]  # the runs with an adapter
+        offered = client.get("/api/chat/choices").json()["adapters"]  # the runs with an adapter
+        assert {"done", "second"} <= set(offered) and not {"paused", "broken"} & set(offered)
         assert client.post("/serve/v1/chat/completions", json={}, headers=token).status_code == 503
         too_many = client.post("/api/chat/models", json={"adapters": ["done"] * 4}, headers=token)
         assert too_many.status_code == 422 and "at most 3" in too_many.json()["error"]
         assert client.post("/api/chat/models", json={"adapters": ["../x"]}, headers=token).status_code == 404
-        models = client.post("/api/chat/models", json={"adapters": ["done"]}, headers=token).json()["models"]
-        assert models[1:] == ["done"] and models[0]  # the base the adapter records, then the adapter
+        chosen = {"adapters": ["done", "second"]}
+        models = client.post("/api/chat/models", json=chosen, headers=token).json()["models"]
+        assert models[1:] == ["done", "second"] and models[0]  # the base the adapters record, then them
         request = {"messages": [{"role": "user", "content": "Python lists"}], "max_tokens": 6, "temperature": 0}
         answers = {}
         for model in models:
@@ -441,14 +450,15 @@ def test_chat_side_by_side_in_a_browser(served, runs_root):
         page = browser.new_page(viewport={"width": 1400, "height": 1000})
         page.goto(served)
         page.locator('input[name="chat-adapter"][value="done"]').check()
+        page.locator('input[name="chat-adapter"][value="second"]').check()
         page.click("#chat-load")
-        expect(page.locator("#chat-loaded")).to_contain_text("done", timeout=120_000)
+        expect(page.locator("#chat-loaded")).to_contain_text("done, second", timeout=120_000)
         page.fill("#chat-prompt", "Python lists")
         page.fill("#chat-max-tokens", "8")
         page.click("#chat-ask")
         answers = page.locator("#chat-answers .answer")
-        expect(answers).to_have_count(2)
-        expect(page.locator('#chat-answers .answer[data-done="1"]')).to_have_count(2, timeout=120_000)
+        expect(answers).to_have_count(3)  # the base and two adapters
+        expect(page.locator('#chat-answers .answer[data-done="1"]')).to_have_count(3, timeout=120_000)
         texts = answers.locator("pre").all_inner_texts()
         assert all(text and not text.startswith("error") for text in texts), texts
         page.fill("#chat-file", "browser")
@@ -458,5 +468,5 @@ def test_chat_side_by_side_in_a_browser(served, runs_root):
         page.screenshot(path=str(shots / "10-chat-side-by-side.png"))
         browser.close()
     record = json.loads((runs_root / "chat-records" / "browser.jsonl").read_text())
-    assert record["chosen"] == "done" and record["output"] == texts[-1]
+    assert record["chosen"] == "second" and record["output"] == texts[-1] and len(record["answers"]) == 3
     shutil.rmtree(runs_root / "chat-records")

@@ -93,7 +93,8 @@ def create_app(settings: UiSettings) -> FastAPI:
 
     @app.get("/api/runs")
     def runs() -> dict:
-        return {"root": str(root), "runs": [view.to_json() for view in run_files.list_runs(root)]}
+        views = [view.to_json() for view in run_files.list_runs(root)]
+        return {"root": str(root), "runs": views, "reports": run_files.list_reports(root)}
 
     @app.get("/api/runs/{name}")
     def run(name: str) -> dict:
@@ -131,10 +132,12 @@ def create_app(settings: UiSettings) -> FastAPI:
 
     @app.get("/runs/{name}/report")
     def report(name: str) -> Response:
-        path = folder_of(name) / "report.html"
-        if not path.is_file():
-            raise HTTPException(status_code=404, detail=f"{name} has no report yet (it is written when the run ends)")
-        return FileResponse(path, media_type="text/html")
+        """A run's report, or a `lorafit eval` report folder's (--out under --runs)."""
+        try:
+            return FileResponse(run_files.report_file(root, name), media_type="text/html")
+        except run_files.RunNotFoundError:
+            detail = f"no report {name!r} under {root} (a run's is written when it ends)"
+            raise HTTPException(status_code=404, detail=detail) from None
 
     @app.post("/api/runs/{name}/stop")
     def stop(name: str) -> dict:

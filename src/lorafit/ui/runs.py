@@ -68,6 +68,30 @@ def list_runs(root: Path) -> list[RunView]:
     return runs
 
 
+def list_reports(root: Path) -> list[str]:
+    """`lorafit eval` report folders under `root` (a report.html and no run: runs list their own)."""
+    if not root.is_dir():
+        return []
+    return [
+        entry.name
+        for entry in sorted(root.iterdir())
+        if entry.is_dir()
+        and RUN_NAME.match(entry.name)
+        and (entry / "report.html").is_file()
+        and not RunFolder(entry).is_run()
+    ]
+
+
+def report_file(root: Path, name: str) -> Path:
+    """report.html of run or report folder `name` directly under `root`."""
+    if not RUN_NAME.match(name):
+        raise RunNotFoundError(name)
+    folder = (root / name).resolve()
+    if folder.parent != root.resolve() or not (folder / "report.html").is_file():
+        raise RunNotFoundError(name)
+    return folder / "report.html"
+
+
 def lock_holder(folder: Path) -> int | None:
     """The pid holding the folder's lock, from the kernel's table of flock locks (Linux)."""
     lock = folder / LOCK

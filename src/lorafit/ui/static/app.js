@@ -202,11 +202,23 @@ async function compare() {
 }
 document.getElementById("compare-button").addEventListener("click", compare);
 
+function showReports(names) {
+  const holder = document.getElementById("eval-reports");
+  holder.textContent = names.length ? "lorafit eval reports: " : "";
+  for (const name of names) {
+    const link = document.createElement("a");
+    link.href = `/runs/${encodeURIComponent(name)}/report`; link.textContent = name; link.target = "_blank";
+    link.className = "eval-report";
+    holder.append(link, " ");
+  }
+}
+
 async function refresh() {
   try {
     const listing = await api("/api/runs");
     views = listing.runs;
     fillCompareChoices();
+    showReports(listing.reports || []);
     if (!plotted.size && views.length) { plotted.add(views[views.length - 1].name); }
     for (const name of plotted) follow(name);
     renderRuns();

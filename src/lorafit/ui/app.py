@@ -112,7 +112,8 @@ def create_app(settings: UiSettings) -> FastAPI:
         folder = folder_of(name)
 
         async def events():
-            position, status = max(start, int(request.headers.get("last-event-id", "-1")) + 1, 0), None
+            last = request.headers.get("last-event-id", "")
+            position, status = max(start, int(last) + 1 if last.isdigit() else 0, 0), None
             while not await request.is_disconnected():
                 records, next_line = run_files.read_metrics(folder, position)
                 for offset, record in enumerate(records):

@@ -96,14 +96,16 @@ def lock_holder(folder: Path) -> int | None:
     """The pid holding the folder's lock, from the kernel's table of flock locks (Linux)."""
     lock = folder / LOCK
     try:
-        inode = lock.stat().st_ino
+        found = lock.stat()
         table = Path("/proc/locks").read_text()
     except OSError:
         return None
+    # The kernel names a locked file "MAJOR:MINOR:INODE" (hex device numbers).
+    file_id = f"{os.major(found.st_dev):02x}:{os.minor(found.st_dev):02x}:{found.st_ino}"
     for line in table.splitlines():
         fields = line.split()
-        # "1: FLOCK  ADVISORY  WRITE 12345 00:2e:1234567 0 EOF"
-        if len(fields) >= 6 and fields[1] == "FLOCK" and fields[5].rsplit(":", 1)[-1] == str(inode):
+        # "1: FLOCK  ADVISORY  WRITE 12345 00:2e:1234567 0 EOF" (a waiter's line reads "1: -> FLOCK ...")
+        if len(fields) >= 6 and fields[1] == "FLOCK" and fields[5] == file_id:
             return int(fields[4])
     return None
 

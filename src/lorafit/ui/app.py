@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hmac
+import html
 import json
 import secrets
 from dataclasses import dataclass, field
@@ -41,6 +42,11 @@ class UiSettings:
     token: str = field(default_factory=lambda: secrets.token_urlsafe(32))
 
 
+def _same(given: str, expected: str) -> bool:
+    """A constant-time comparison that also takes non-ASCII input (hmac's str form raises on it)."""
+    return hmac.compare_digest(given.encode("utf-8", "replace"), expected.encode("utf-8"))
+
+
 def _static() -> Path:
     return Path(str(resources.files("lorafit.ui") / "static"))
 
@@ -64,17 +70,17 @@ def create_app(settings: UiSettings) -> FastAPI:
                 return JSONResponse({"error": "this server answers to its loopback address only"}, status_code=403)
         if settings.api_key is not None:
             if request.url.path == "/" and "key" in request.query_params:
-                if not hmac.compare_digest(request.query_params["key"], settings.api_key):
+                if not _same(request.query_params["key"], settings.api_key):
                     return JSONResponse({"error": "wrong key"}, status_code=401)
                 response = RedirectResponse("/", status_code=303)
                 response.set_cookie(KEY_COOKIE, settings.api_key, httponly=True, samesite="strict")
                 return response
             given = request.headers.get("authorization", "").removeprefix("Bearer ").strip()
             given = given or request.cookies.get(KEY_COOKIE, "")
-            if not hmac.compare_digest(given, settings.api_key):
+            if not _same(given, settings.api_key):
                 return JSONResponse({"error": "an API key is needed: open /?key=KEY"}, status_code=401)
         token = request.headers.get("x-lorafit-token", "")
-        if request.method not in ("GET", "HEAD") and not hmac.compare_digest(token, settings.token):
+        if request.method not in ("GET", "HEAD") and not _same(token, settings.token):
             return JSONResponse({"error": "missing or wrong page token"}, status_code=403)
         return await call_next(request)
 
@@ -87,7 +93,7 @@ def create_app(settings: UiSettings) -> FastAPI:
     @app.get("/", response_class=HTMLResponse)
     def index() -> str:
         page = (_static() / "index.html").read_text(encoding="utf-8")
-        return page.replace("{{TOKEN}}", settings.token).replace("{{RUNS}}", str(root))
+        return page.replace("{{TOKEN}}", settings.token).replace("{{RUNS}}", html.escape(str(root)))
 
     app.mount("/static", StaticFiles(directory=_static()), name="static")
 

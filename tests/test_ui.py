@@ -117,7 +117,7 @@ def test_paths_stay_under_runs_and_actions_need_the_page_token(runs_root, tmp_pa
     # No token (a page of another site posting here): refused, and nothing is started.
     assert client.post("/api/runs/paused/resume").status_code == 403
     assert client.post("/api/runs/paused/resume", headers={"X-Lorafit-Token": "guess"}).status_code == 403
-    assert client.post("/api/runs/paused/resume", headers={"X-Lorafit-Token": "g\u00fcess"}).status_code == 403
+    assert client.post("/api/runs/paused/resume", headers={"X-Lorafit-Token": b"g\xfcess"}).status_code == 403
     assert run_files.describe_run(runs_root / "paused").status == "stopped"
     # The page carries the token; a run that is not running cannot be stopped.
     page = client.get("/").text

@@ -8,9 +8,8 @@ from typing import Annotated
 import typer
 
 from lorafit.cli.app import console
+from lorafit.cli.serve_commands import LOOPBACK
 from lorafit.errors import UsageError
-
-LOOPBACK = {"127.0.0.1", "localhost", "::1"}
 
 
 def ui(

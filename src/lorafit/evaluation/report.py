@@ -179,16 +179,23 @@ def write_report(out_dir: Path, report: dict) -> dict[str, Path]:
     return paths
 
 
+def metrics_records(metrics_path: Path) -> list[dict]:
+    """A run's metrics.jsonl as records (none when it has no such file); a line cut by a crash is
+    left out, the rest still a curve."""
+    path = Path(metrics_path)
+    records = []
+    for line in path.read_text(encoding="utf-8").splitlines() if path.is_file() else []:
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return records
+
+
 def read_curves(metrics_path: Path) -> dict | None:
     """Training and validation loss by step from a run's metrics.jsonl (None when it has none)."""
-    if not Path(metrics_path).is_file():
-        return None
     train, valid = [], []
-    for line in Path(metrics_path).read_text(encoding="utf-8").splitlines():
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError:
-            continue  # a line cut by a crash: the rest is still a curve
+    for record in metrics_records(metrics_path):
         # A skipped (non-finite) step has loss null: a gap in the curve, not a point.
         if isinstance(record.get("loss"), (int, float)) and "step" in record:
             train.append([record["step"], record["loss"]])
@@ -202,12 +209,7 @@ def read_lora_health(metrics_path: Path, change_map: dict | None) -> dict | None
     events), the monitor's warnings, and the final adapter's change map (layers x types)."""
     curves: dict[str, list[list[float]]] = {}
     warnings: list[dict] = []
-    path = Path(metrics_path)
-    for line in path.read_text(encoding="utf-8").splitlines() if path.is_file() else []:
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError:
-            continue
+    for record in metrics_records(metrics_path):
         if record.get("event") == "lora_norms":
             for kind, values in (record.get("by_type") or {}).items():
                 if isinstance(values.get("delta"), (int, float)):

@@ -161,7 +161,8 @@ def create_app(settings: UiSettings) -> FastAPI:
             pid = run_files.resume_run(folder)
         except RuntimeError as error:
             raise HTTPException(status_code=409, detail=str(error)) from None
-        return {"resumed": name, "pid": pid, "command": " ".join(run_files.train_command(folder, resume=True))}
+        command = run_files.train_command(folder / "config.yaml", folder, resume=True)
+        return {"resumed": name, "pid": pid, "command": new_run.shown_command(command)}
 
     # The chat: `lorafit serve`'s app for the models chosen, under /serve (OpenAI's /v1 routes).
     app.mount("/serve", chat.ServeMount(chat_models))
@@ -231,7 +232,7 @@ def create_app(settings: UiSettings) -> FastAPI:
             config = new_run.build_config(values, folder)
         except new_run.FormError as error:
             return field_errors(error)
-        command = new_run.shown_command(new_run.launch_command(config_path, folder, processes))
+        command = new_run.shown_command(run_files.train_command(config_path, folder, processes=processes))
         return JSONResponse({"command": command, "yaml": new_run.config_to_yaml(config)})
 
     @app.post("/api/preview")

@@ -7,8 +7,6 @@ from __future__ import annotations
 
 import json
 import shlex
-import subprocess
-import sys
 import typing
 from pathlib import Path
 
@@ -17,7 +15,7 @@ from pydantic import BaseModel, ValidationError
 
 from lorafit.config import RunConfig
 from lorafit.config_files import config_to_yaml
-from lorafit.ui.runs import RUN_NAME
+from lorafit.ui.runs import RUN_NAME, start_detached, train_command
 
 PREVIEW_ITEMS = 3
 PREVIEW_CHARS = 1500
@@ -117,13 +115,6 @@ def check_name(root: Path, name: str) -> tuple[Path, Path]:
     return folder, config
 
 
-def launch_command(config_path: Path, folder: Path, processes: int) -> list[str]:
-    command = [sys.executable, "-m", "lorafit.cli", "train", str(config_path), "--out", str(folder)]
-    if processes > 1:
-        command += ["--launcher", "accelerate", "--num-processes", str(processes)]
-    return command
-
-
 def shown_command(command: list[str]) -> str:
     """The command as a user would type it (`lorafit` for this interpreter's module)."""
     return shlex.join(["lorafit", *command[3:]])
@@ -136,12 +127,9 @@ def launch(root: Path, name: str, values: dict[str, object], processes: int = 1)
     root.mkdir(parents=True, exist_ok=True)
     with open(config_path, "x", encoding="utf-8") as handle:  # never over a file that appeared meanwhile
         handle.write(config_to_yaml(config))
-    command = launch_command(config_path, folder, processes)
-    with open(root / f"{name}.log", "ab") as log:
-        process = subprocess.Popen(
-            command, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True
-        )
-    return {"name": name, "pid": process.pid, "command": shown_command(command), "config": str(config_path)}
+    command = train_command(config_path, folder, processes=processes)
+    pid = start_detached(command, root / f"{name}.log")
+    return {"name": name, "pid": pid, "command": shown_command(command), "config": str(config_path)}
 
 
 def preview(config: RunConfig, limit: int = PREVIEW_ITEMS) -> dict:

@@ -224,9 +224,21 @@ def stop_run(folder: Path) -> int:
     return pid
 
 
-def train_command(folder: Path, resume: bool) -> list[str]:
-    command = [sys.executable, "-m", "lorafit.cli", "train", str(folder / "config.yaml"), "--out", str(folder)]
+def train_command(config: Path, folder: Path, resume: bool = False, processes: int = 1) -> list[str]:
+    """`lorafit train CONFIG --out FOLDER` for this interpreter, resuming or in N processes."""
+    command = [sys.executable, "-m", "lorafit.cli", "train", str(config), "--out", str(folder)]
+    if processes > 1:
+        command += ["--launcher", "accelerate", "--num-processes", str(processes)]
     return command + (["--resume"] if resume else [])
+
+
+def start_detached(command: list[str], log: Path) -> int:
+    """Run `command` in a session of its own (it outlives the page's server), output appended to `log`."""
+    with open(log, "ab") as handle:
+        process = subprocess.Popen(
+            command, stdout=handle, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True
+        )
+    return process.pid
 
 
 def resume_run(folder: Path) -> int:
@@ -236,15 +248,7 @@ def resume_run(folder: Path) -> int:
         raise RuntimeError(f"{folder.name} is running already")
     if view.status == "finished":
         raise RuntimeError(f"{folder.name} has finished")
-    with open(folder / LAUNCH_LOG, "ab") as log:
-        process = subprocess.Popen(
-            train_command(folder, resume=True),
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL,
-            start_new_session=True,  # the run outlives the page's server
-        )
-    return process.pid
+    return start_detached(train_command(folder / "config.yaml", folder, resume=True), folder / LAUNCH_LOG)
 
 
 def _json(path: Path) -> dict | None:
